@@ -1,0 +1,70 @@
+// Owning, aligned, backend-tagged storage. The CPU specialisation lives here;
+// the CUDA one (device memory from a caching allocator) in backend/cuda.
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <utility>
+
+#include "distilx/backend/tags.hpp"
+#include "distilx/core/config.hpp"
+#include "distilx/core/error.hpp"
+
+namespace distilx {
+
+template <class T, class Backend>
+class Buffer;
+
+/// Host buffer, 64-byte aligned, zero-initialised.
+template <class T>
+class Buffer<T, cpu> {
+ public:
+  Buffer() = default;
+  explicit Buffer(index_t n) { resize(n); }
+  Buffer(const Buffer& o) : Buffer(o.size_) {
+    if (size_) std::memcpy(data_, o.data_, sizeof(T) * size_);
+  }
+  Buffer(Buffer&& o) noexcept : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+  Buffer& operator=(Buffer o) noexcept {
+    std::swap(data_, o.data_);
+    std::swap(size_, o.size_);
+    return *this;
+  }
+  ~Buffer() { std::free(data_); }
+
+  /// Reallocates when the size changes; contents are zeroed either way.
+  void resize(index_t n) {
+    DISTILX_ASSERT(n >= 0);
+    if (n != size_) {
+      std::free(data_);
+      data_ = nullptr;
+      size_ = 0;
+      if (n > 0) {
+        const std::size_t bytes = ((sizeof(T) * static_cast<std::size_t>(n) + 63) / 64) * 64;
+        data_ = static_cast<T*>(std::aligned_alloc(64, bytes));
+        if (!data_) throw std::bad_alloc();
+      }
+      size_ = n;
+    }
+    zero();
+  }
+  void zero() {
+    if (size_) std::memset(static_cast<void*>(data_), 0, sizeof(T) * size_);
+  }
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+  index_t size() const { return size_; }
+  T& operator[](index_t i) { return data_[i]; }
+  const T& operator[](index_t i) const { return data_[i]; }
+  T* begin() { return data_; }
+  T* end() { return data_ + size_; }
+  const T* begin() const { return data_; }
+  const T* end() const { return data_ + size_; }
+
+ private:
+  T* data_ = nullptr;
+  index_t size_ = 0;
+};
+
+}  // namespace distilx
