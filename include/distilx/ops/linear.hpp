@@ -31,20 +31,27 @@ void linear_backward(cpu be, T* dx, T* dW, T* db, const T* dy, const T* x, const
 }
 
 /// Block-diagonal linear: x [M, P*I], W [P, O, I] -> y [M, P*O].
+/// Row strides ldx (default P*I) and ldy (default P*O) let callers read from / write into wider rows.
 template <class T>
-void headwise_forward(cpu be, T* y, const T* x, const T* W, index_t M, index_t P, index_t I, index_t O) {
+void headwise_forward(cpu be, T* y, const T* x, const T* W, index_t M, index_t P, index_t I, index_t O,
+                      index_t ldy = -1, index_t ldx = -1) {
+  if (ldy < 0) ldy = P * O;
+  if (ldx < 0) ldx = P * I;
   for (index_t p = 0; p < P; ++p)
-    gemm(be, Trans::no, Trans::yes, M, O, I, T(1), x + p * I, P * I, W + p * O * I, I, T(0), y + p * O, P * O);
+    gemm(be, Trans::no, Trans::yes, M, O, I, T(1), x + p * I, ldx, W + p * O * I, I, T(0), y + p * O, ldy);
 }
 
+/// dW += per block dy^T x; dx (= or +=) per block dy W. Strides as in headwise_forward (ldx for x and dx).
 template <class T>
 void headwise_backward(cpu be, T* dx, T* dW, const T* dy, const T* x, const T* W, index_t M, index_t P,
-                       index_t I, index_t O, bool accumulate_dx = false) {
+                       index_t I, index_t O, bool accumulate_dx = false, index_t ldy = -1, index_t ldx = -1) {
+  if (ldy < 0) ldy = P * O;
+  if (ldx < 0) ldx = P * I;
   for (index_t p = 0; p < P; ++p) {
-    if (dW) gemm(be, Trans::yes, Trans::no, O, I, M, T(1), dy + p * O, P * O, x + p * I, P * I, T(1), dW + p * O * I, I);
+    if (dW) gemm(be, Trans::yes, Trans::no, O, I, M, T(1), dy + p * O, ldy, x + p * I, ldx, T(1), dW + p * O * I, I);
     if (dx)
-      gemm(be, Trans::no, Trans::no, M, I, O, T(1), dy + p * O, P * O, W + p * O * I, I, accumulate_dx ? T(1) : T(0),
-           dx + p * I, P * I);
+      gemm(be, Trans::no, Trans::no, M, I, O, T(1), dy + p * O, ldy, W + p * O * I, I, accumulate_dx ? T(1) : T(0),
+           dx + p * I, ldx);
   }
 }
 
