@@ -535,9 +535,9 @@ class MLSTMCell {
   }
 
   T dot(const T* a, const T* b) const {
-    T s = 0;
-    for (index_t j = 0; j < dh_; ++j) s += a[j] * b[j];
-    return s;
+    double s = 0;
+    for (index_t j = 0; j < dh_; ++j) s += double(a[j]) * double(b[j]);
+    return T(s);
   }
   /// out[r, :] = f[r] * x[r, :]; x is [rows, DH] with leading dimension ld, out is contiguous [rows, DH].
   void scale_rows(T* out, const T* x, index_t ld, const T* f, index_t rows) const {
