@@ -19,6 +19,8 @@ namespace distilx {
 template <class T, class Backend = cpu>
 class Student {
  public:
+  using value_type = T;
+  using backend_type = Backend;
   using MBlock = MLSTMBlock<T, Backend>;
   using SBlock = SLSTMBlock<T, Backend>;
   using Block = std::variant<std::unique_ptr<MBlock>, std::unique_ptr<SBlock>>;

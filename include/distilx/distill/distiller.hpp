@@ -1,0 +1,413 @@
+// The generic Δ-distillation trainer (architecture.md §1, spec-distillation.md):
+// per optimizer step, for each micro-batch: teacher forward (frozen) → student
+// forward → composite loss (KL·τ² + alignment + CE, chunked over V) → student
+// backward into the flat gradient buffer; then average, NaN/Inf guard, global
+// norm clipping, AdamW with the LR schedule. Callbacks observe steps and
+// evaluations; checkpoints hold everything needed to resume the same run.
+#pragma once
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "distilx/data/loader.hpp"
+#include "distilx/io/checkpoint.hpp"
+#include "distilx/loss/distillation_loss.hpp"
+#include "distilx/models/student.hpp"
+#include "distilx/optim/adamw.hpp"
+#include "distilx/optim/clip.hpp"
+#include "distilx/optim/lr_schedule.hpp"
+#include "distilx/teacher/teacher.hpp"
+
+namespace distilx {
+
+struct DistillerConfig {
+  index_t grad_accum = 1;        // micro-batches per optimizer step
+  index_t max_steps = 100;       // optimizer steps of the whole run
+  double clip_norm = 1.0;        // global gradient norm (<= 0: off)
+  AdamWConfig adamw{2e-4, 0.9, 0.999, 1e-8, 0.01};
+  LrScheduleConfig lr{LrScheduleKind::cosine, 2e-4, 10, 100, 0.0};
+  DistillationLossConfig loss;
+  index_t eval_every = 0;        // optimizer steps between evaluations (0: only at the end)
+  index_t eval_batches = 0;      // validation batches per evaluation (0: all)
+  index_t checkpoint_every = 0;  // optimizer steps between checkpoints (0: only at the end)
+  index_t keep_checkpoints = 3;
+  std::string run_dir;           // empty: no checkpoints
+  index_t max_bad_steps = 5;     // consecutive non-finite steps before training stops
+  nlohmann::json extra;          // anything the caller wants recorded (e.g. data sources)
+};
+
+/// JSON of everything that defines the run (stored in checkpoints; a resume with a
+/// different configuration is refused with the differences listed).
+inline nlohmann::json to_json(const ScalarSchedule& s) {
+  if (s.kind == ScheduleKind::fixed) return {{"kind", "fixed"}, {"value", s.fixed.value(0, 0)}};
+  return {{"kind", "delta"}, {"v0", s.delta.v0}, {"floor", s.delta.floor}, {"delta", s.delta.delta},
+          {"reference_compatible", s.delta.reference_compatible}};
+}
+inline nlohmann::json distiller_config_json(const DistillerConfig& c) {
+  return {{"grad_accum", c.grad_accum},
+          {"max_steps", c.max_steps},
+          {"clip_norm", c.clip_norm},
+          {"adamw", {{"lr", c.adamw.lr}, {"beta1", c.adamw.beta1}, {"beta2", c.adamw.beta2}, {"eps", c.adamw.eps},
+                     {"weight_decay", c.adamw.weight_decay}}},
+          {"lr", {{"kind", c.lr.kind == LrScheduleKind::cosine ? "cosine" : "constant"}, {"base_lr", c.lr.base_lr},
+                  {"warmup_steps", c.lr.warmup_steps}, {"total_steps", c.lr.total_steps},
+                  {"min_lr_ratio", c.lr.min_lr_ratio}}},
+          {"loss", {{"divergence", to_string(c.loss.divergence)}, {"beta", c.loss.beta},
+                    {"alignment", to_string(c.loss.alignment)}, {"tau", to_json(c.loss.tau)},
+                    {"kl_weight", to_json(c.loss.kl_weight)}, {"alignment_weight", to_json(c.loss.alignment_weight)},
+                    {"additive_alignment_weight", c.loss.additive_alignment_weight}}},
+          {"extra", c.extra}};
+}
+
+struct StepReport {
+  index_t step = 0;              // optimizer steps completed (1-based after the first)
+  index_t epoch = 0;
+  DistillationMetrics loss;      // averaged over the micro-batches
+  double lr = 0, grad_norm = 0;
+  double tokens_per_s = 0, elapsed_s = 0;
+  index_t tokens = 0;            // tokens seen so far
+  bool skipped = false;          // non-finite loss or gradient: no update
+  std::string bad_term;          // which term went bad when skipped
+};
+
+struct EvalReport {
+  index_t step = 0;
+  double student_ce = 0, teacher_ce = 0;
+  double student_ppl = 0, teacher_ppl = 0;
+  double kl = 0;                 // mean KL(teacher || student) at tau = 1
+  double top1 = 0;               // top-1 agreement
+  index_t tokens = 0;
+};
+
+/// Observer interface; override what you need.
+class DistillerCallback {
+ public:
+  virtual ~DistillerCallback() = default;
+  virtual void on_train_begin(index_t /*start_step*/, index_t /*max_steps*/) {}
+  virtual void on_step(const StepReport&) {}
+  virtual void on_eval(const EvalReport&) {}
+  virtual void on_checkpoint(const std::string& /*path*/, index_t /*step*/) {}
+  virtual void on_train_end(index_t /*step*/) {}
+  /// Polled after every step (early stopping, Ctrl-C).
+  virtual bool stop_requested() { return false; }
+};
+
+template <class StudentT, class TeacherT, class LossT = DeltaDistillationLoss<typename StudentT::value_type,
+                                                                              typename StudentT::backend_type>,
+          class OptimizerT = AdamW<typename StudentT::value_type, typename StudentT::backend_type>>
+class Distiller {
+ public:
+  using T = typename StudentT::value_type;
+  using Backend = typename StudentT::backend_type;
+  static_assert(is_teacher_v<TeacherT>, "Distiller: TeacherT does not model the Teacher concept (teacher/teacher.hpp)");
+  static_assert(std::is_same_v<typename TeacherT::value_type, T>,
+                "Distiller: the teacher and the student must use the same compute type");
+
+  Distiller(StudentT& student, TeacherT& teacher, data::TokenLoader& loader, DistillerConfig cfg)
+      : student_(student),
+        teacher_(teacher),
+        loader_(loader),
+        cfg_(std::move(cfg)),
+        loss_(cfg_.loss),
+        opt_(student.layout(), cfg_.adamw),
+        lr_(cfg_.lr) {
+    const StudentConfig& sc = student_.config();
+    DISTILX_REQUIRE(config_error, sc.vocab_size == teacher_.vocab_size(), "student vocabulary ", sc.vocab_size,
+                    " differs from the teacher's ", teacher_.vocab_size());
+    DISTILX_REQUIRE(config_error, cfg_.grad_accum >= 1, "grad_accum must be >= 1, got ", cfg_.grad_accum);
+    loss_.check_shapes(sc.num_blocks, teacher_.num_layers(), sc.embedding_dim, teacher_.hidden_size());
+    const auto& lo = loader_.options();
+    B_ = lo.batch_size;
+    S_ = lo.seq_len;
+    steps_per_epoch_ = std::max<index_t>(1, loader_.batches_per_epoch() / cfg_.grad_accum);
+    const index_t M = B_ * S_;
+    inputs_.resize(static_cast<std::size_t>(M));
+    targets_.resize(static_cast<std::size_t>(M));
+    dh_.resize(M * sc.embedding_dim);
+    dH_.resize(static_cast<std::size_t>(sc.num_blocks));
+    for (auto& b : dH_) b.resize(M * sc.embedding_dim);
+  }
+
+  void add_callback(std::shared_ptr<DistillerCallback> cb) { callbacks_.push_back(std::move(cb)); }
+
+  index_t step_count() const { return step_; }
+  index_t epoch() const { return epoch_; }
+  index_t steps_per_epoch() const { return steps_per_epoch_; }
+  const DistillerConfig& config() const { return cfg_; }
+  LossT& loss() { return loss_; }
+  OptimizerT& optimizer() { return opt_; }
+
+  /// The full configuration of the run: student, distiller, data shape.
+  nlohmann::json run_config() const {
+    nlohmann::json j;
+    j["student"] = student_.config();
+    j["distiller"] = distiller_config_json(cfg_);
+    j["data"] = {{"batch_size", B_}, {"seq_len", S_}, {"seed", loader_.options().seed}};
+    return j;
+  }
+
+  /// One optimizer step over grad_accum micro-batches.
+  StepReport step() {
+    const auto t0 = std::chrono::steady_clock::now();
+    StepReport r;
+    // Schedules run on (epoch, optimizer step within the epoch), both read off the loader so
+    // that a resumed run continues the same schedule.
+    index_t sched_epoch = loader_.epoch(), pos = loader_.position();
+    if (pos + cfg_.grad_accum > loader_.batches_per_epoch()) ++sched_epoch, pos = 0;
+    const LossWeights w = loss_.weights(sched_epoch, pos / cfg_.grad_accum);
+    student_.zero_grad();
+    DistillationMetrics acc;
+    for (index_t a = 0; a < cfg_.grad_accum; ++a) {
+      next_batch();
+      const DistillationMetrics m = micro_step(w, true);
+      accumulate(acc, m, a == 0);
+    }
+    const double inv = 1.0 / double(cfg_.grad_accum);
+    finish_average(acc, inv);
+    r.loss = acc;
+    r.epoch = epoch_;
+    const index_t n = student_.flat_size();
+    T* g = student_.grads();
+    if (cfg_.grad_accum > 1) average_accumulated_grads(Backend{}, g, n, cfg_.grad_accum);
+    // Numerics guard: skip the update, name the term that went bad.
+    if (!std::isfinite(acc.kl)) r.bad_term = "kl";
+    else if (!std::isfinite(acc.ce)) r.bad_term = "ce";
+    else if (!std::isfinite(acc.alignment)) r.bad_term = "alignment";
+    else if (!all_finite(Backend{}, g, n)) r.bad_term = "gradient";
+    r.lr = lr_.lr();
+    if (!r.bad_term.empty()) {
+      r.skipped = true;
+      ++bad_streak_;
+    } else {
+      bad_streak_ = 0;
+      r.grad_norm = cfg_.clip_norm > 0 ? clip_grad_norm(Backend{}, g, n, cfg_.clip_norm) : grad_norm(Backend{}, g, n);
+      opt_.step(student_.params(), g, r.lr);
+    }
+    lr_.step();
+    ++step_;
+    tokens_ += B_ * S_ * cfg_.grad_accum;
+    r.step = step_;
+    r.tokens = tokens_;
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    elapsed_ += dt;
+    r.elapsed_s = elapsed_;
+    r.tokens_per_s = double(B_ * S_ * cfg_.grad_accum) / dt;
+    for (auto& cb : callbacks_) cb->on_step(r);
+    if (bad_streak_ >= cfg_.max_bad_steps)
+      throw error(detail::concat("training stopped: ", bad_streak_, " consecutive steps with a non-finite ", r.bad_term,
+                                 " (last at step ", step_, "); lower the learning rate, enable clipping, or check "
+                                 "the data for out-of-range tokens"));
+    return r;
+  }
+
+  /// Held-out evaluation over the loader's validation split (spec §6).
+  EvalReport evaluate(index_t max_batches = 0) {
+    EvalReport e;
+    e.step = step_;
+    const index_t nb = max_batches > 0 ? std::min(max_batches, loader_.val_batches()) : loader_.val_batches();
+    DISTILX_REQUIRE(config_error, nb > 0, "evaluation needs a validation split (set a validation fraction)");
+    const StudentConfig& sc = student_.config();
+    double s_ce = 0, t_ce = 0, kl = 0, top1 = 0;
+    index_t targets = 0, positions = 0;
+    VocabLoss<T, Backend> teacher_ce;
+    for (index_t k = 0; k < nb; ++k) {
+      loader_.val_batch(k, inputs_.data(), targets_.data());
+      forward_both();
+      DistillationInputs<T> in = inputs_for();
+      LossWeights w1{1.0, 1.0, 0.0, 1.0};
+      const DistillationMetrics m = loss_.compute(in, w1, DistillationGrads<T>{}, false);
+      VocabLossInputs<T> tin;
+      tin.h_s = teacher_hidden_.back().data();
+      tin.E_s = teacher_.lm_head().data();
+      tin.targets = targets_.data();
+      tin.M = B_ * S_;
+      tin.d = teacher_.hidden_size();
+      tin.d_t = teacher_.hidden_size();
+      tin.V = sc.vocab_size;
+      const VocabLossResult tr = teacher_ce.compute(tin, 1.0, 0.0, 1.0, nullptr, false);
+      s_ce += m.ce * double(m.targets);
+      t_ce += tr.ce * double(tr.targets);
+      kl += m.kl * double(m.positions);
+      top1 += m.top1 * double(m.positions);
+      targets += m.targets;
+      positions += m.positions;
+    }
+    e.student_ce = s_ce / double(targets);
+    e.teacher_ce = t_ce / double(targets);
+    e.student_ppl = std::exp(e.student_ce);
+    e.teacher_ppl = std::exp(e.teacher_ce);
+    e.kl = kl / double(positions);
+    e.top1 = top1 / double(positions);
+    e.tokens = targets;
+    for (auto& cb : callbacks_) cb->on_eval(e);
+    return e;
+  }
+
+  /// Trains until max_steps or a callback asks to stop; evaluates and checkpoints on schedule.
+  void train() {
+    for (auto& cb : callbacks_) cb->on_train_begin(step_, cfg_.max_steps);
+    bool stop = false;
+    while (step_ < cfg_.max_steps && !stop) {
+      step();
+      for (auto& cb : callbacks_) stop = stop || cb->stop_requested();
+      if (cfg_.eval_every > 0 && step_ % cfg_.eval_every == 0 && loader_.val_batches() > 0) evaluate(cfg_.eval_batches);
+      if (!cfg_.run_dir.empty() && cfg_.checkpoint_every > 0 && step_ % cfg_.checkpoint_every == 0) checkpoint();
+    }
+    if (!cfg_.run_dir.empty()) checkpoint();
+    for (auto& cb : callbacks_) cb->on_train_end(step_);
+  }
+
+  /// Writes ckpt_<step>.dxc in the run directory (atomically) and keeps the newest N.
+  std::string checkpoint() {
+    std::filesystem::create_directories(cfg_.run_dir);
+    const std::string path = (std::filesystem::path(cfg_.run_dir) / ("ckpt_" + std::to_string(step_) + ".dxc")).string();
+    save(path);
+    io::prune_checkpoints(cfg_.run_dir, static_cast<std::size_t>(std::max<index_t>(1, cfg_.keep_checkpoints)));
+    for (auto& cb : callbacks_) cb->on_checkpoint(path, step_);
+    return path;
+  }
+
+  void save(const std::string& path) const {
+    io::Checkpoint ck;
+    ck.meta["format"] = "distilx-checkpoint";
+    ck.meta["config"] = run_config();
+    ck.meta["step"] = step_;
+    ck.meta["epoch"] = epoch_;
+    ck.meta["tokens"] = tokens_;
+    ck.meta["elapsed_s"] = elapsed_;
+    ck.meta["bad_streak"] = bad_streak_;
+    ck.meta["loader"] = nlohmann::json::parse(loader_.state().to_json());
+    ck.meta["lr_step"] = lr_.step_count();
+    ck.meta["adam_step"] = opt_.step_count();
+    ck.meta["scalar_type"] = sizeof(T) == 8 ? "f64" : "f32";
+    const auto n = static_cast<std::size_t>(student_.flat_size());
+    ck.put("params", student_.params(), n);
+    ck.put("adam_m", opt_.exp_avg().data(), n);
+    ck.put("adam_v", opt_.exp_avg_sq().data(), n);
+    io::save_checkpoint(ck, path);
+  }
+
+  /// Restores a checkpoint written by save(); refuses one from another configuration,
+  /// listing the differences.
+  void resume(const std::string& path) {
+    const io::Checkpoint ck = io::load_checkpoint(path);
+    DISTILX_REQUIRE(io_error, ck.meta.value("format", "") == "distilx-checkpoint", path,
+                    " is not a distilx training checkpoint");
+    const auto diffs = io::config_differences(ck.meta.at("config"), run_config());
+    if (!diffs.empty()) {
+      std::string msg = path + " was written by a run with a different configuration:";
+      for (const auto& d : diffs) msg += "\n  " + d;
+      throw config_error(msg + "\n(start a new run directory, or use the same options)");
+    }
+    DISTILX_REQUIRE(io_error, ck.meta.at("scalar_type") == (sizeof(T) == 8 ? "f64" : "f32"), path,
+                    " holds ", ck.meta.at("scalar_type").get<std::string>(), " weights; this run computes in ",
+                    sizeof(T) == 8 ? "f64" : "f32");
+    const auto n = static_cast<std::size_t>(student_.flat_size());
+    ck.get("params", student_.params(), n, path);
+    ck.get("adam_m", opt_.exp_avg().data(), n, path);
+    ck.get("adam_v", opt_.exp_avg_sq().data(), n, path);
+    opt_.set_step_count(ck.meta.at("adam_step").get<index_t>());
+    lr_.set_step_count(ck.meta.at("lr_step").get<index_t>());
+    step_ = ck.meta.at("step");
+    epoch_ = ck.meta.at("epoch");
+    tokens_ = ck.meta.at("tokens");
+    elapsed_ = ck.meta.at("elapsed_s");
+    bad_streak_ = ck.meta.at("bad_streak");
+    loader_.set_state(data::LoaderState::from_json(ck.meta.at("loader").dump()));
+  }
+
+ private:
+  void next_batch() {
+    if (!loader_.next(inputs_.data(), targets_.data())) {
+      const bool ok = loader_.next(inputs_.data(), targets_.data());
+      DISTILX_REQUIRE(error, ok, "the training split holds no full batch (B ", B_, ", T ", S_, ")");
+    }
+    epoch_ = loader_.epoch();
+  }
+
+  void forward_both() {
+    teacher_.forward(inputs_.data(), B_, S_, nullptr, nullptr, &teacher_hidden_);
+    student_.forward(inputs_.data(), B_, S_);
+  }
+
+  DistillationInputs<T> inputs_for() {
+    const StudentConfig& sc = student_.config();
+    DistillationInputs<T> in;
+    in.vocab.h_s = student_.hidden();
+    in.vocab.E_s = student_.head();
+    in.vocab.h_t = teacher_hidden_.back().data();
+    in.vocab.W_t = teacher_.lm_head().data();
+    in.vocab.targets = targets_.data();
+    in.vocab.M = B_ * S_;
+    in.vocab.d = sc.embedding_dim;
+    in.vocab.d_t = teacher_.hidden_size();
+    in.vocab.V = sc.vocab_size;
+    for (index_t i = 0; i < sc.num_blocks; ++i) in.H_s.push_back(student_.block_output(i));
+    for (std::size_t l = 1; l < teacher_hidden_.size(); ++l) in.H_t.push_back(teacher_hidden_[l].data());
+    in.batch = B_;
+    return in;
+  }
+
+  DistillationMetrics micro_step(const LossWeights& w, bool want_grad) {
+    forward_both();
+    DistillationInputs<T> in = inputs_for();
+    DistillationGrads<T> g;
+    g.dh_s = dh_.data();
+    for (auto& b : dH_) g.dH_s.push_back(b.data());
+    const DistillationMetrics m = loss_.compute(in, w, g, want_grad);
+    if (want_grad) {
+      std::vector<const T*> dblocks;
+      if (m.alignment_active)
+        for (auto& b : dH_) dblocks.push_back(b.data());
+      student_.backward(dh_.data(), m.alignment_active ? &dblocks : nullptr);
+    }
+    return m;
+  }
+
+  static void accumulate(DistillationMetrics& acc, const DistillationMetrics& m, bool first) {
+    if (first) {
+      acc = m;
+      return;
+    }
+    acc.total += m.total;
+    acc.kl += m.kl;
+    acc.ce += m.ce;
+    acc.alignment += m.alignment;
+    acc.top1 += m.top1;
+    acc.positions += m.positions;
+    acc.targets += m.targets;
+  }
+  static void finish_average(DistillationMetrics& acc, double inv) {
+    acc.total *= inv;
+    acc.kl *= inv;
+    acc.ce *= inv;
+    acc.alignment *= inv;
+    acc.top1 *= inv;
+    acc.perplexity = std::exp(acc.ce);
+  }
+
+  StudentT& student_;
+  TeacherT& teacher_;
+  data::TokenLoader& loader_;
+  DistillerConfig cfg_;
+  LossT loss_;
+  OptimizerT opt_;
+  LrSchedule lr_;
+  std::vector<std::shared_ptr<DistillerCallback>> callbacks_;
+  index_t B_ = 0, S_ = 0, steps_per_epoch_ = 1;
+  index_t step_ = 0, epoch_ = 0, tokens_ = 0, bad_streak_ = 0;
+  double elapsed_ = 0;
+  std::vector<std::int32_t> inputs_, targets_;
+  std::vector<Tensor<T, Backend>> teacher_hidden_;
+  Buffer<T, Backend> dh_;
+  std::vector<Buffer<T, Backend>> dH_;
+};
+
+}  // namespace distilx
