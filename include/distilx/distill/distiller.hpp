@@ -260,7 +260,7 @@ class Distiller {
       if (cfg_.eval_every > 0 && step_ % cfg_.eval_every == 0 && loader_.val_batches() > 0) evaluate(cfg_.eval_batches);
       if (!cfg_.run_dir.empty() && cfg_.checkpoint_every > 0 && step_ % cfg_.checkpoint_every == 0) checkpoint();
     }
-    if (!cfg_.run_dir.empty()) checkpoint();
+    if (!cfg_.run_dir.empty() && step_ != last_checkpoint_step_) checkpoint();
     for (auto& cb : callbacks_) cb->on_train_end(step_);
   }
 
@@ -269,6 +269,7 @@ class Distiller {
     std::filesystem::create_directories(cfg_.run_dir);
     const std::string path = (std::filesystem::path(cfg_.run_dir) / ("ckpt_" + std::to_string(step_) + ".dxc")).string();
     save(path);
+    last_checkpoint_step_ = step_;
     io::prune_checkpoints(cfg_.run_dir, static_cast<std::size_t>(std::max<index_t>(1, cfg_.keep_checkpoints)));
     for (auto& cb : callbacks_) cb->on_checkpoint(path, step_);
     return path;
@@ -402,7 +403,7 @@ class Distiller {
   LrSchedule lr_;
   std::vector<std::shared_ptr<DistillerCallback>> callbacks_;
   index_t B_ = 0, S_ = 0, steps_per_epoch_ = 1;
-  index_t step_ = 0, epoch_ = 0, tokens_ = 0, bad_streak_ = 0;
+  index_t step_ = 0, epoch_ = 0, tokens_ = 0, bad_streak_ = 0, last_checkpoint_step_ = -1;
   double elapsed_ = 0;
   std::vector<std::int32_t> inputs_, targets_;
   std::vector<Tensor<T, Backend>> teacher_hidden_;
