@@ -152,6 +152,49 @@ BOOST_AUTO_TEST_CASE(gradients_all_slstm_and_all_mlstm) {
   check_student_gradients(c, 1, 6);
 }
 
+/// One block on its own: finite differences of the block input and every block parameter.
+template <class BlockT>
+void check_block_gradients(const StudentConfig& c, index_t B, index_t S, const char* what) {
+  ParamLayout layout;
+  BlockT blk(c, 1, layout, "b.");
+  std::vector<double> params(static_cast<std::size_t>(layout.total())), grads(params.size(), 0.0);
+  Rng rng(31);
+  blk.init(params.data(), rng);
+  for (const auto& p : layout.infos())  // move off the init so every path carries signal
+    for (index_t i = 0; i < p.size; ++i) params[static_cast<std::size_t>(p.offset + i)] += 0.3 * rng.normal();
+  const index_t n = B * S * c.embedding_dim;
+  std::vector<double> x(static_cast<std::size_t>(n)), y(x.size()), G(x.size()), dx(x.size());
+  testing::fill_normal(x.data(), n, rng);
+  testing::fill_normal(G.data(), n, rng);
+  auto f = [&] {
+    blk.forward(y.data(), x.data(), params.data(), B, S);
+    return testing::dot(y.data(), G.data(), n);
+  };
+  f();
+  blk.backward(dx.data(), grads.data(), G.data(), x.data(), params.data(), B, S);
+  auto r = testing::check_gradient(f, x.data(), dx.data(), n, 24);
+  BOOST_TEST_INFO(what << " dx: " << r.rel_error);
+  BOOST_CHECK_LE(r.rel_error, 1e-6);
+  double worst = r.rel_error;
+  for (const auto& p : layout.infos()) {
+    auto rp = testing::check_gradient(f, params.data() + p.offset, grads.data() + p.offset, p.size, 8, 1e-4, 7, 1e-4);
+    BOOST_TEST_INFO(what << " " << p.name << ": " << rp.rel_error);
+    BOOST_CHECK_LE(rp.rel_error, 1e-6);
+    worst = std::max(worst, rp.rel_error);
+  }
+  BOOST_TEST_MESSAGE(what << " block gradient check: worst relative error " << worst);
+}
+
+BOOST_AUTO_TEST_CASE(block_gradients) {
+  StudentConfig c = tiny_config(64);
+  check_block_gradients<MLSTMBlock<double>>(c, 2, 5, "mLSTM parallel");
+  c.mlstm_chunk_size = 3;
+  check_block_gradients<MLSTMBlock<double>>(c, 1, 7, "mLSTM chunkwise");
+  check_block_gradients<SLSTMBlock<double>>(c, 2, 5, "sLSTM");
+  c.slstm_conv1d_kernel_size = 0;  // NX-AI's "no conv" variant
+  check_block_gradients<SLSTMBlock<double>>(c, 1, 4, "sLSTM without conv");
+}
+
 BOOST_AUTO_TEST_CASE(generation_matches_full_forward) {
   for (index_t chunk : {64, 3}) {
     StudentConfig c = tiny_config(chunk);
