@@ -20,7 +20,7 @@ expect() {  # expect NAME RC CMD...  (stdout -> NAME.out, stderr -> NAME.err)
 has() { if grep -q -- "$2" "$3"; then ok "$1"; else bad "$1: '$2' not in $3" "$3"; fi; }
 # Options repeated on the command line are usage errors, so the shared part leaves out what tests vary.
 BASE=(--val-data val.txt --batch 2 --seq 32 --grad-accum 1 --blocks 2 --heads 4 --qkv-blocksize 16 --ffn-factor 1.3
-      --warmup 2 --keep 5 --seed 3 --threads 2)
+      --warmup 2 --keep 5 --seed 3 --threads 1)
 SMALL=(--teacher "$TEACHER" --data train.txt --steps 6 --lr 2e-3 --checkpoint-every 3 "${BASE[@]}")
 
 expect help 0 "$BIN" --help;                  has help_text "Usage: distilx" help.out
