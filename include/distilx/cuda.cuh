@@ -16,8 +16,9 @@
 //    would never be found. Further CUDA op headers (e.g. loss ops) belong here too.
 #include "distilx/backend/cuda/ops.cuh"
 
-// (CUDA cell specialisations, MLSTMCell<T, cuda> / SLSTMCell<T, cuda>, go here: after the ops,
-//  since they include the CPU cell headers, and before any block or student is instantiated.)
+// CUDA cell specialisations (MLSTMCell<T, cuda> / SLSTMCell<T, cuda>) come after the ops, since
+// they include the CPU cell headers, and before any block or student is instantiated.
+#include "distilx/backend/cuda/slstm.cuh"
 
 // 3. The library itself (cells, blocks, student, I/O, loss, optimizer, distiller).
 #include "distilx/distilx.hpp"
