@@ -67,4 +67,18 @@ class Buffer<T, cpu> {
   index_t size_ = 0;
 };
 
+/// Host <-> buffer copies of [offset, offset + n). The CPU versions are memcpy; the CUDA
+/// backend (backend/cuda/memory.cuh) overloads them with cudaMemcpy, so code that fills or
+/// reads parameters from the host (initialisation, checkpoints, weight files) is written once.
+template <class T>
+void upload(Buffer<T, cpu>& b, index_t offset, const T* host, index_t n) {
+  DISTILX_ASSERT(offset >= 0 && offset + n <= b.size());
+  if (n) std::memcpy(b.data() + offset, host, sizeof(T) * static_cast<std::size_t>(n));
+}
+template <class T>
+void download(const Buffer<T, cpu>& b, index_t offset, T* host, index_t n) {
+  DISTILX_ASSERT(offset >= 0 && offset + n <= b.size());
+  if (n) std::memcpy(host, b.data() + offset, sizeof(T) * static_cast<std::size_t>(n));
+}
+
 }  // namespace distilx

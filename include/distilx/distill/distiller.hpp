@@ -288,10 +288,13 @@ class Distiller {
     ck.meta["lr_step"] = lr_.step_count();
     ck.meta["adam_step"] = opt_.step_count();
     ck.meta["scalar_type"] = sizeof(T) == 8 ? "f64" : "f32";
-    const auto n = static_cast<std::size_t>(student_.flat_size());
-    ck.put("params", student_.params(), n);
-    ck.put("adam_m", opt_.exp_avg().data(), n);
-    ck.put("adam_v", opt_.exp_avg_sq().data(), n);
+    const index_t n = student_.flat_size();
+    std::vector<T> host = student_.params_to_host();
+    ck.put("params", host.data(), host.size());
+    download(opt_.exp_avg(), 0, host.data(), n);
+    ck.put("adam_m", host.data(), host.size());
+    download(opt_.exp_avg_sq(), 0, host.data(), n);
+    ck.put("adam_v", host.data(), host.size());
     io::save_checkpoint(ck, path);
   }
 
@@ -310,10 +313,14 @@ class Distiller {
     DISTILX_REQUIRE(io_error, ck.meta.at("scalar_type") == (sizeof(T) == 8 ? "f64" : "f32"), path,
                     " holds ", ck.meta.at("scalar_type").get<std::string>(), " weights; this run computes in ",
                     sizeof(T) == 8 ? "f64" : "f32");
-    const auto n = static_cast<std::size_t>(student_.flat_size());
-    ck.get("params", student_.params(), n, path);
-    ck.get("adam_m", opt_.exp_avg().data(), n, path);
-    ck.get("adam_v", opt_.exp_avg_sq().data(), n, path);
+    const index_t n = student_.flat_size();
+    std::vector<T> host(static_cast<std::size_t>(n));
+    ck.get("params", host.data(), host.size(), path);
+    student_.set_params(host.data());
+    ck.get("adam_m", host.data(), host.size(), path);
+    upload(opt_.exp_avg(), 0, host.data(), n);
+    ck.get("adam_v", host.data(), host.size(), path);
+    upload(opt_.exp_avg_sq(), 0, host.data(), n);
     opt_.set_step_count(ck.meta.at("adam_step").get<index_t>());
     lr_.set_step_count(ck.meta.at("lr_step").get<index_t>());
     step_ = ck.meta.at("step");

@@ -55,9 +55,8 @@ void copy_frozen_from_teacher(Student<T, Backend>& s, const Teacher& t) {
   DISTILX_REQUIRE(config_error, c.vocab_size == t.vocab_size() && c.embedding_dim == t.hidden_size(),
                   "student (V ", c.vocab_size, ", d ", c.embedding_dim, ") does not match the teacher (V ",
                   t.vocab_size(), ", d ", t.hidden_size(), ")");
-  const index_t n = c.vocab_size * c.embedding_dim;
-  std::memcpy(s.embedding(), t.embedding().data(), sizeof(T) * static_cast<std::size_t>(n));
-  if (!c.tie_weights) std::memcpy(s.head(), t.lm_head().data(), sizeof(T) * static_cast<std::size_t>(n));
+  s.set_embedding(t.embedding().data());  // the teacher's weights live on the host
+  if (!c.tie_weights) s.set_head(t.lm_head().data());
 }
 
 }  // namespace distilx

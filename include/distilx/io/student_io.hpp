@@ -63,11 +63,14 @@ void load_student(Student<T, Backend>& student, const std::string& path, const S
   const index_t NHs = c.slstm_num_heads, DHs = c.embedding_dim / std::max<index_t>(NHs, 1);
   std::vector<T> tmp;
   std::set<std::string> converted_bias;
+  // Everything is assembled on the host and uploaded once (device backends), so a failed load
+  // leaves the student unchanged.
+  std::vector<T> host(static_cast<std::size_t>(student.flat_size()), T(0));
   for (const ParamInfo& p : student.layout().infos()) {
     if (converted_bias.count(p.name)) continue;  // converted together with its R below
     const std::string& key = require(p.name);
     const TensorInfo& ti = f.info(key);
-    T* dst = student.params() + p.offset;
+    T* dst = host.data() + p.offset;
     if (detail::ends_with(p.name, "slstm_cell._recurrent_kernel_")) {
       const Shape vanilla{NHs, 4 * DHs, DHs};
       if (ti.shape == vanilla && ti.shape != p.shape) {
@@ -80,7 +83,7 @@ void load_student(Student<T, Backend>& student, const std::string& path, const S
         const std::string& bkey = require(bname);
         tmp.resize(static_cast<std::size_t>(bp.size));
         f.read(bkey, tmp.data(), bp.shape);
-        slstm_bias_from_vanilla(student.params() + bp.offset, tmp.data(), NHs, DHs);
+        slstm_bias_from_vanilla(host.data() + bp.offset, tmp.data(), NHs, DHs);
         converted_bias.insert(bname);
         continue;
       }
@@ -91,12 +94,15 @@ void load_student(Student<T, Backend>& student, const std::string& path, const S
     f.read(key, dst, p.shape);
   }
   const index_t V = c.vocab_size, d = c.embedding_dim;
+  std::vector<T> emb, head;
   if (opt.load_frozen) {
     const std::string& ek = require("token_embedding.weight");
-    f.read(ek, student.embedding(), Shape{V, d});
+    emb.resize(static_cast<std::size_t>(V * d));
+    f.read(ek, emb.data(), Shape{V, d});
     if (!c.tie_weights) {
       const std::string& hk = require("lm_head.weight");
-      f.read(hk, student.head(), Shape{V, d});
+      head.resize(static_cast<std::size_t>(V * d));
+      f.read(hk, head.data(), Shape{V, d});
     } else if (by_canonical.count("lm_head.weight")) {
       used.insert("lm_head.weight");  // tied: NX-AI writes both keys with the same data
     }
@@ -111,6 +117,9 @@ void load_student(Student<T, Backend>& student, const std::string& path, const S
     DISTILX_REQUIRE(io_error, extra.empty(), path, ": unexpected tensor(s) not in the student config: ", extra,
                     " (was it saved from a different configuration?)");
   }
+  student.set_params(host.data());
+  if (!emb.empty()) student.set_embedding(emb.data());
+  if (!head.empty()) student.set_head(head.data());
 }
 
 enum class SLSTMLayout { cuda, vanilla };
@@ -123,8 +132,9 @@ void save_student(const Student<T, Backend>& student, const std::string& path, S
   const StudentConfig& c = student.config();
   const index_t NHs = c.slstm_num_heads, DHs = c.embedding_dim / std::max<index_t>(NHs, 1);
   std::vector<T> tmp;
+  const std::vector<T> host = student.params_to_host();
   for (const ParamInfo& p : student.layout().infos()) {
-    const T* src = student.params() + p.offset;
+    const T* src = host.data() + p.offset;
     if (layout == SLSTMLayout::vanilla && detail::ends_with(p.name, "slstm_cell._recurrent_kernel_")) {
       tmp.resize(static_cast<std::size_t>(p.size));
       slstm_r_to_vanilla(tmp.data(), src, NHs, DHs);
@@ -138,8 +148,10 @@ void save_student(const Student<T, Backend>& student, const std::string& path, S
     }
   }
   const Shape vd{c.vocab_size, c.embedding_dim};
-  w.add("token_embedding.weight", vd, student.embedding());
-  w.add("lm_head.weight", vd, student.head());
+  const std::vector<T> emb = student.embedding_to_host();
+  w.add("token_embedding.weight", vd, emb.data());
+  if (c.tie_weights) w.add("lm_head.weight", vd, emb.data());
+  else w.add("lm_head.weight", vd, student.head_to_host().data());
   nlohmann::json j = c;
   w.set_metadata("config", j.dump());
   w.set_metadata("format", "distilx-student");

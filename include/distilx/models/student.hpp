@@ -7,6 +7,7 @@
 
 #include <memory>
 #include <optional>
+#include <string>
 #include <variant>
 #include <vector>
 
@@ -69,12 +70,51 @@ class Student {
   /// get small_init(d) (they are normally overwritten with the teacher's).
   void init(std::uint64_t seed) {
     Rng rng(seed);
-    params_.zero();
-    for (auto& b : blocks_) std::visit([&](auto& blk) { blk->init(params_.data(), rng); }, b);
-    if (post_norm_ >= 0) init::constant(params_.data() + layout_[post_norm_].offset, cfg_.embedding_dim, 0.0);
+    // Initialised on the host and uploaded once, so the same code serves every backend.
+    std::vector<T> host(static_cast<std::size_t>(layout_.total()), T(0));
+    for (auto& b : blocks_) std::visit([&](auto& blk) { blk->init(host.data(), rng); }, b);
+    if (post_norm_ >= 0) init::constant(host.data() + layout_[post_norm_].offset, cfg_.embedding_dim, 0.0);
+    set_params(host.data());
     const index_t n = cfg_.vocab_size * cfg_.embedding_dim;
-    init::normal(embedding_.data(), n, init::small_init_std(cfg_.embedding_dim), rng);
-    if (!cfg_.tie_weights) init::normal(head_.data(), n, init::small_init_std(cfg_.embedding_dim), rng);
+    host.assign(static_cast<std::size_t>(n), T(0));
+    init::normal(host.data(), n, init::small_init_std(cfg_.embedding_dim), rng);
+    set_embedding(host.data());
+    if (!cfg_.tie_weights) {
+      init::normal(host.data(), n, init::small_init_std(cfg_.embedding_dim), rng);
+      set_head(host.data());
+    }
+  }
+
+  // ---- host-side access (uploads/downloads on device backends) ----
+  /// Copies flat_size() values from the host into the parameter buffer.
+  void set_params(const T* host) { upload(params_, 0, host, layout_.total()); }
+  /// The flat parameters (or gradients) as a host vector of flat_size() values.
+  std::vector<T> params_to_host() const {
+    std::vector<T> h(static_cast<std::size_t>(layout_.total()));
+    download(params_, 0, h.data(), layout_.total());
+    return h;
+  }
+  std::vector<T> grads_to_host() const {
+    std::vector<T> h(static_cast<std::size_t>(layout_.total()));
+    download(grads_, 0, h.data(), layout_.total());
+    return h;
+  }
+  /// Frozen embedding / head [V, d] from host memory (e.g. the teacher's weights).
+  void set_embedding(const T* host) { upload(embedding_, 0, host, cfg_.vocab_size * cfg_.embedding_dim); }
+  void set_head(const T* host) {
+    if (cfg_.tie_weights) set_embedding(host);
+    else upload(head_, 0, host, cfg_.vocab_size * cfg_.embedding_dim);
+  }
+  std::vector<T> embedding_to_host() const {
+    std::vector<T> h(static_cast<std::size_t>(cfg_.vocab_size * cfg_.embedding_dim));
+    download(embedding_, 0, h.data(), static_cast<index_t>(h.size()));
+    return h;
+  }
+  std::vector<T> head_to_host() const {
+    if (cfg_.tie_weights) return embedding_to_host();
+    std::vector<T> h(static_cast<std::size_t>(cfg_.vocab_size * cfg_.embedding_dim));
+    download(head_, 0, h.data(), static_cast<index_t>(h.size()));
+    return h;
   }
 
   void zero_grad() { grads_.zero(); }

@@ -144,6 +144,17 @@ class Buffer<T, cuda> {
   index_t size_ = 0;
 };
 
+template <class T>
+void upload(Buffer<T, cuda>& b, index_t offset, const T* host, index_t n) {
+  DISTILX_ASSERT(offset >= 0 && offset + n <= b.size());
+  if (n) DISTILX_CUDA_CHECK(cudaMemcpy(b.data() + offset, host, sizeof(T) * static_cast<std::size_t>(n), cudaMemcpyHostToDevice));
+}
+template <class T>
+void download(const Buffer<T, cuda>& b, index_t offset, T* host, index_t n) {
+  DISTILX_ASSERT(offset >= 0 && offset + n <= b.size());
+  if (n) DISTILX_CUDA_CHECK(cudaMemcpy(host, b.data() + offset, sizeof(T) * static_cast<std::size_t>(n), cudaMemcpyDeviceToHost));
+}
+
 /// True when a CUDA device is present (tests skip with exit code 77 otherwise).
 inline bool cuda_device_available() {
   int n = 0;
