@@ -7,9 +7,11 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <fstream>
+#include <cstdlib>
 #include <string>
 
 #include "distilx/distill/distiller.hpp"
@@ -20,7 +22,37 @@ inline std::atomic<bool>& interrupted() {
   static std::atomic<bool> flag{false};
   return flag;
 }
-extern "C" inline void on_sigint(int) { interrupted().store(true); }
+/// First Ctrl-C: finish the step, save a checkpoint, exit 130. A second one exits at once.
+extern "C" inline void on_sigint(int) {
+  if (interrupted().exchange(true)) std::_Exit(130);
+}
+
+/// On resume, drops metric rows logged after the checkpoint's step (they will be logged again).
+inline void truncate_metrics(const std::string& dir, index_t step) {
+  for (const std::string name : {"metrics.csv", "metrics.jsonl"}) {
+    const std::string path = dir + "/" + name;
+    std::ifstream in(path);
+    if (!in) continue;
+    std::string line, kept;
+    bool first = true;
+    while (std::getline(in, line)) {
+      long long s = -1;
+      if (name == "metrics.csv") {
+        if (!first) {
+          const auto c1 = line.find(',');
+          if (c1 != std::string::npos) s = std::atoll(line.c_str() + c1 + 1);
+        }
+      } else {
+        const auto k = line.find("\"step\":");
+        if (k != std::string::npos) s = std::atoll(line.c_str() + k + 7);
+      }
+      if (first || s <= step) kept += line + "\n";
+      first = false;
+    }
+    in.close();
+    std::ofstream(path, std::ios::trunc) << kept;
+  }
+}
 
 inline std::string fmt_duration(double s) {
   if (!(s >= 0) || s > 1e7) return "--:--";
@@ -39,10 +71,12 @@ class ProgressPrinter : public DistillerCallback {
   void on_train_begin(index_t start, index_t max_steps) override {
     start_ = start;
     max_ = max_steps;
+    t0_ = std::chrono::steady_clock::now();
   }
   void on_step(const StepReport& r) override {
     if (r.step % every_ != 0 && r.step != max_ && !r.skipped) return;
-    const double rate = r.elapsed_s > 0 ? double(r.step - start_) / r.elapsed_s : 0;  // steps/s this session
+    const double session = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+    const double rate = session > 0 ? double(r.step - start_) / session : 0;  // steps/s in this session
     const double eta = rate > 0 ? double(max_ - r.step) / rate : -1;
     char line[512];
     std::snprintf(line, sizeof line,
@@ -74,6 +108,7 @@ class ProgressPrinter : public DistillerCallback {
     dirty_ = false;
   }
   std::string label_;
+  std::chrono::steady_clock::time_point t0_ = std::chrono::steady_clock::now();
   index_t every_ = 1, start_ = 0, max_ = 0;
   bool tty_ = false, dirty_ = false;
 };

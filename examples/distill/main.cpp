@@ -138,35 +138,35 @@ po::options_description distill_options() {
       ("tokenizer", po::value<std::string>(), "tokenizer.json (default: the teacher's)")
       ("text-split", po::value<std::string>()->default_value("paragraph"), "text files: file, paragraph or line documents")
       ("json-field", po::value<std::string>()->default_value("text"), "JSON-lines: the text field")
-      ("val-fraction", po::value<double>()->default_value(0.05), "held-out share of --data when --val-data is not given")
+      ("val-fraction", po::value<double>()->default_value(0.05, "0.05"), "held-out share of --data when --val-data is not given")
       ("steps", po::value<long>()->default_value(1000), "optimizer steps")
       ("batch", po::value<long>()->default_value(4), "sequences per micro-batch")
       ("seq", po::value<long>()->default_value(512), "tokens per sequence")
       ("grad-accum", po::value<long>()->default_value(5), "micro-batches per optimizer step")
-      ("lr", po::value<double>()->default_value(2e-4), "peak learning rate")
-      ("warmup", po::value<double>()->default_value(0.1), "warm-up: a fraction of --steps (< 1) or a step count")
-      ("min-lr-ratio", po::value<double>()->default_value(0.0), "cosine floor as a fraction of --lr")
-      ("weight-decay", po::value<double>()->default_value(0.01), "AdamW decoupled weight decay")
-      ("clip", po::value<double>()->default_value(1.0), "global gradient-norm clip (0: off)")
+      ("lr", po::value<double>()->default_value(2e-4, "2e-4"), "peak learning rate")
+      ("warmup", po::value<double>()->default_value(0.1, "0.1"), "warm-up: a fraction of --steps (< 1) or a step count")
+      ("min-lr-ratio", po::value<double>()->default_value(0.0, "0.0"), "cosine floor as a fraction of --lr")
+      ("weight-decay", po::value<double>()->default_value(0.01, "0.01"), "AdamW decoupled weight decay")
+      ("clip", po::value<double>()->default_value(1.0, "1.0"), "global gradient-norm clip (0: off)")
       ("blocks", po::value<std::string>()->default_value("6"), "student blocks: same, half or a number")
       ("heads", po::value<std::string>()->default_value("16"), "student heads: teacher (ceil(H/4)) or a number")
       ("pattern", po::value<std::string>()->default_value("alternate_slstm_first"), "alternate_slstm_first, alternate_mlstm_first or mlstm_only")
       ("qkv-blocksize", po::value<long>()->default_value(32), "mLSTM q/k/v block size")
-      ("mlstm-factor", po::value<double>()->default_value(2.0), "mLSTM up-projection factor")
-      ("ffn-factor", po::value<double>()->default_value(1.7), "sLSTM block FFN factor")
+      ("mlstm-factor", po::value<double>()->default_value(2.0, "2.0"), "mLSTM up-projection factor")
+      ("ffn-factor", po::value<double>()->default_value(1.7, "1.7"), "sLSTM block FFN factor")
       ("conv", po::value<long>()->default_value(4), "causal conv kernel size")
       ("chunk", po::value<long>()->default_value(64), "mLSTM chunk size (chunkwise form beyond it)")
       ("divergence", po::value<std::string>()->default_value("forward_kl"), "forward_kl, reverse_kl, jsd or skew_kl")
-      ("beta", po::value<double>()->default_value(0.5), "mixture weight of jsd / skew_kl")
+      ("beta", po::value<double>()->default_value(0.5, "0.5"), "mixture weight of jsd / skew_kl")
       ("alignment", po::value<std::string>()->default_value("ratio"), "hidden-state alignment: none, ratio, average, block_wise, cosine")
       ("schedule", po::value<std::string>()->default_value("delta"), "delta (logarithmic annealing) or fixed")
-      ("tau", po::value<double>()->default_value(2.0), "temperature start")
-      ("tau-floor", po::value<double>()->default_value(1.0), "temperature floor")
-      ("kl-weight", po::value<double>()->default_value(0.2), "KL weight start")
-      ("kl-floor", po::value<double>()->default_value(0.1), "KL weight floor")
-      ("al-weight", po::value<double>()->default_value(0.01), "alignment weight start")
-      ("al-floor", po::value<double>()->default_value(0.001), "alignment weight floor")
-      ("delta", po::value<double>()->default_value(0.01), "per-epoch decay of the start values")
+      ("tau", po::value<double>()->default_value(2.0, "2.0"), "temperature start")
+      ("tau-floor", po::value<double>()->default_value(1.0, "1.0"), "temperature floor")
+      ("kl-weight", po::value<double>()->default_value(0.2, "0.2"), "KL weight start")
+      ("kl-floor", po::value<double>()->default_value(0.1, "0.1"), "KL weight floor")
+      ("al-weight", po::value<double>()->default_value(0.01, "0.01"), "alignment weight start")
+      ("al-floor", po::value<double>()->default_value(0.001, "0.001"), "alignment weight floor")
+      ("delta", po::value<double>()->default_value(0.01, "0.01"), "per-epoch decay of the start values")
       ("additive-alignment", po::bool_switch(), "w_ce = 1 - w_kl - w_al (instead of 1 - w_kl)")
       ("eval-every", po::value<long>()->default_value(0), "evaluate every N steps (0: at the end)")
       ("eval-batches", po::value<long>()->default_value(0), "validation batches per evaluation (0: all)")
@@ -411,6 +411,7 @@ EvalTotals evaluate_windows(StudentF& s, TeacherF& t, const std::vector<std::str
 
 struct DistillOutcome {
   EvalReport eval;
+  bool has_eval = false;
   std::string student_path;
   double seconds = 0;
   bool interrupted = false;
@@ -425,55 +426,63 @@ DistillOutcome run_distill(const po::variables_map& vm, const std::string& label
   const bool resume = vm["resume"].as<bool>();
   DISTILX_REQUIRE(io_error, fs::is_directory(teacher_dir), "teacher directory '", teacher_dir,
                   "' does not exist (expected config.json, *.safetensors and tokenizer.json)");
+  DistillerConfig dc;
+  try {
+    dc = distiller_config_from_options(vm);
+  } catch (const config_error& e) {
+    throw UsageError(e.what());
+  }
+  const std::string split = vm["text-split"].as<std::string>(), pattern = vm["pattern"].as<std::string>();
+  if (split != "file" && split != "paragraph" && split != "line")
+    throw UsageError("--text-split must be file, paragraph or line (got '" + split + "')");
+  if (pattern != "alternate_slstm_first" && pattern != "alternate_mlstm_first" && pattern != "mlstm_only")
+    throw UsageError("--pattern must be alternate_slstm_first, alternate_mlstm_first or mlstm_only (got '" + pattern + "')");
   TeacherF teacher = TeacherF::from_pretrained(teacher_dir);
   const std::string tok_path = vm.count("tokenizer") ? vm["tokenizer"].as<std::string>()
                                                      : (fs::path(teacher_dir) / "tokenizer.json").string();
 
   // Run directory: refuse to mix two runs.
   const std::string run_json = (fs::path(out) / "run.json").string();
-  const bool has_run = fs::exists(run_json) || !io::list_checkpoints(out).empty();
-  if (has_run && !resume)
+  const bool has_ckpt = !io::list_checkpoints(out).empty();
+  if (has_ckpt && !resume)
     throw error("run directory '" + out + "' already holds a run; pass --resume to continue it, or choose another --out");
-  if (resume && !has_run) throw error("nothing to resume in '" + out + "' (no run.json or checkpoint)");
+  if (resume && !has_ckpt) throw error("nothing to resume in '" + out + "' (no checkpoint); start it again without --resume");
+  if (!resume && fs::exists(run_json)) {  // a run that stopped before its first checkpoint: start over
+    fs::remove(run_json);
+    fs::remove_all(fs::path(out) / "data");
+  }
   fs::create_directories(out);
   if (!vm.count("data") && !(resume && fs::exists(fs::path(out) / "data")))
     throw UsageError("distill needs --data FILE... (text, jsonl, .bin shards or a manifest .json)");
 
-  // Data: tokenized once into the run directory (reused on resume).
+  // Data: text is tokenized once into the run directory; the resolved shard lists (absolute
+  // paths, given shards included) are recorded in data/shards.json and reused on resume.
   DataPlan plan;
-  const std::string train_manifest = (fs::path(out) / "data" / "train.json").string();
-  const std::string val_manifest = (fs::path(out) / "data" / "val.json").string();
+  const fs::path data_dir = fs::path(out) / "data";
+  const std::string shard_list = (data_dir / "shards.json").string();
   index_t val_tokens = 0;
-  if (resume && fs::exists(train_manifest)) {
-    plan.shards = data::read_manifest(train_manifest).shard_paths;
-    if (fs::exists(val_manifest)) {
-      const auto vm2 = data::read_manifest(val_manifest);
-      plan.shards.insert(plan.shards.end(), vm2.shard_paths.begin(), vm2.shard_paths.end());
-      val_tokens = vm2.total_tokens;
-    }
+  if (resume && fs::exists(shard_list)) {
+    std::ifstream in(shard_list);
+    nlohmann::json j;
+    in >> j;
+    plan.shards = j.at("train").get<std::vector<std::string>>();
+    const auto v = j.at("val").get<std::vector<std::string>>();
+    plan.shards.insert(plan.shards.end(), v.begin(), v.end());
+    val_tokens = j.at("val_tokens").get<index_t>();
   } else {
-    std::vector<std::string> train_in = vm["data"].as<std::vector<std::string>>();
-    plan.shards = materialise(train_in, (fs::path(out) / "data" / "train").string(), tok_path, vm, nullptr);
-    if (!fs::exists(train_manifest)) {
-      data::CorpusManifest m;
-      m.vocab_size = static_cast<std::int32_t>(teacher.vocab_size());
-      m.shard_paths = plan.shards;
-      for (const auto& p : plan.shards) m.shard_tokens.push_back(data::ShardReader(p).size()), m.total_tokens += m.shard_tokens.back();
-      data::write_manifest(train_manifest, m);
-    }
-    if (vm.count("val-data")) {
-      const auto v = materialise(vm["val-data"].as<std::vector<std::string>>(), (fs::path(out) / "data" / "val").string(),
-                                 tok_path, vm, &val_tokens);
-      if (!fs::exists(val_manifest)) {
-        data::CorpusManifest m;
-        m.vocab_size = static_cast<std::int32_t>(teacher.vocab_size());
-        m.shard_paths = v;
-        m.total_tokens = val_tokens;
-        for (const auto& p : v) m.shard_tokens.push_back(data::ShardReader(p).size());
-        data::write_manifest(val_manifest, m);
-      }
-      plan.shards.insert(plan.shards.end(), v.begin(), v.end());
-    }
+    fs::create_directories(data_dir);
+    const auto absolute_all = [](std::vector<std::string> v) {
+      for (auto& p : v) p = fs::absolute(p).string();
+      return v;
+    };
+    plan.shards = absolute_all(materialise(vm["data"].as<std::vector<std::string>>(), (data_dir / "train").string(),
+                                           tok_path, vm, nullptr));
+    std::vector<std::string> v;
+    if (vm.count("val-data"))
+      v = absolute_all(materialise(vm["val-data"].as<std::vector<std::string>>(), (data_dir / "val").string(), tok_path,
+                                   vm, &val_tokens));
+    write_text_atomic(shard_list, nlohmann::json{{"train", plan.shards}, {"val", v}, {"val_tokens", val_tokens}}.dump(2) + "\n");
+    plan.shards.insert(plan.shards.end(), v.begin(), v.end());
   }
   data::LoaderOptions lo;
   lo.seq_len = vm["seq"].as<long>();
@@ -489,7 +498,6 @@ DistillOutcome run_distill(const po::variables_map& vm, const std::string& label
   StudentF student(sc);
   student.init(vm["seed"].as<unsigned long>());
   copy_frozen_from_teacher(student, teacher);
-  DistillerConfig dc = distiller_config_from_options(vm);
   dc.extra = {{"teacher", fs::absolute(teacher_dir).string()}};
   Distiller<StudentF, TeacherF> d(student, teacher, loader, dc);
   if (!quiet_header) {
@@ -509,6 +517,7 @@ DistillOutcome run_distill(const po::variables_map& vm, const std::string& label
     d.resume(cks.back().second);
     std::fprintf(stderr, "%s resumed from %s at step %lld\n", label.c_str(), cks.back().second.c_str(),
                  (long long)d.step_count());
+    app::truncate_metrics(out, d.step_count());
   } else {
     nlohmann::json rj = d.run_config();
     write_text_atomic(run_json, rj.dump(2) + "\n");
@@ -524,7 +533,8 @@ DistillOutcome run_distill(const po::variables_map& vm, const std::string& label
                  (long long)d.step_count(), out.c_str());
     return r;
   }
-  if (loader.val_batches() > 0) r.eval = d.evaluate(dc.eval_batches);
+  if (loader.val_batches() > 0) r.eval = d.last_eval_step() == d.step_count() ? d.last_eval() : d.evaluate(dc.eval_batches);
+  r.has_eval = loader.val_batches() > 0;
   r.student_path = (fs::path(out) / "student.safetensors").string();
   export_student(student, r.student_path);
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
@@ -548,8 +558,11 @@ int cmd_distill(int argc, char** argv) {
   apply_threads(vm);
   const DistillOutcome r = run_distill(vm, "[distill]");
   if (r.interrupted) return 130;
-  std::printf("student: held-out perplexity %.3f (teacher %.3f), KL(t||s) %.4f, top-1 %.3f\n", r.eval.student_ppl,
-              r.eval.teacher_ppl, r.eval.kl, r.eval.top1);
+  if (r.has_eval)
+    std::printf("student: held-out perplexity %.3f (teacher %.3f), KL(t||s) %.4f, top-1 %.3f\n", r.eval.student_ppl,
+                r.eval.teacher_ppl, r.eval.kl, r.eval.top1);
+  else
+    std::printf("no validation split (use --val-fraction or --val-data): no held-out evaluation\n");
   std::printf("saved %s (+ .config.json in NX-AI xLSTMLMModelConfig form); metrics in %s/metrics.csv\n",
               r.student_path.c_str(), vm["out"].as<std::string>().c_str());
   return 0;
@@ -595,10 +608,16 @@ int cmd_eval(int argc, char** argv) {
   StudentF student = load_student_file(vm["student"].as<std::string>());
   const std::string tok = vm.count("tokenizer") ? vm["tokenizer"].as<std::string>() : (fs::path(tdir) / "tokenizer.json").string();
   const fs::path tmp = fs::temp_directory_path() / ("distilx_eval_" + std::to_string(::getpid()));
+  struct Cleanup {
+    fs::path p;
+    ~Cleanup() {
+      std::error_code ec;
+      fs::remove_all(p, ec);
+    }
+  } cleanup{tmp};
   const auto shards = materialise(vm["data"].as<std::vector<std::string>>(), (tmp / "eval").string(), tok, vm, nullptr);
   const EvalTotals e = evaluate_windows(student, teacher, shards, vm["batch"].as<long>(), vm["seq"].as<long>(),
                                         vm["max-batches"].as<long>());
-  fs::remove_all(tmp);
   std::printf("tokens evaluated      %lld\n", (long long)e.n);
   std::printf("student perplexity    %.4f\n", std::exp(e.s_ce / double(e.n)));
   std::printf("teacher perplexity    %.4f\n", std::exp(e.t_ce / double(e.n)));
@@ -614,9 +633,9 @@ int cmd_generate(int argc, char** argv) {
       "tokenizer", po::value<std::string>(), "tokenizer.json")("prompt", po::value<std::string>()->default_value(""),
                                                                "prompt text")(
       "max-tokens", po::value<long>()->default_value(100), "tokens to generate")(
-      "temperature", po::value<double>()->default_value(1.0), "sampling temperature (0: greedy)")(
+      "temperature", po::value<double>()->default_value(1.0, "1.0"), "sampling temperature (0: greedy)")(
       "top-k", po::value<long>()->default_value(0), "keep the k most likely tokens (0: all)")(
-      "top-p", po::value<double>()->default_value(1.0), "nucleus sampling mass")(
+      "top-p", po::value<double>()->default_value(1.0, "1.0"), "nucleus sampling mass")(
       "greedy", po::bool_switch(), "argmax decoding")("seed", po::value<unsigned long>()->default_value(0), "sampling seed")(
       "stop-at-eos", po::value<bool>()->default_value(true), "stop at the tokenizer's end-of-text token");
   const auto vm = parse(argc, argv, desc);
@@ -795,8 +814,16 @@ int cmd_import(int argc, char** argv) {
   return 0;
 }
 
+/// <prefix>/share/distilx next to <prefix>/bin/distilx, wherever the package was installed.
+std::string exe_share_dir() {
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (ec) return "";
+  return (exe.parent_path().parent_path() / "share" / "distilx").string();
+}
+
 std::string share_file(const std::string& name) {
-  for (const std::string dir : {std::string(DISTILX_SHARE_DIR), std::string(DISTILX_SOURCE_SCRIPTS)})
+  for (const std::string dir : {exe_share_dir(), std::string(DISTILX_SHARE_DIR), std::string(DISTILX_SOURCE_SCRIPTS)})
     if (!dir.empty() && fs::exists(fs::path(dir) / name)) return (fs::path(dir) / name).string();
   return "";
 }
@@ -821,6 +848,7 @@ int cmd_plot(int argc, char** argv) {
   if (help_requested(vm, desc, "Usage: distilx plot RUN_DIR... [--out DIR]\n"
                                 "PNG curves of loss terms, perplexity and schedules from metrics.csv (matplotlib)."))
     return 0;
+  if (vm.count("print-config")) return print_config(vm, desc), 0;
   if (!vm.count("run")) throw UsageError("plot needs a run directory");
   std::string args;
   const auto runs = vm["run"].as<std::vector<std::string>>();
@@ -836,7 +864,7 @@ int cmd_plot(int argc, char** argv) {
 
 std::string demo_dir() {
   if (const char* e = std::getenv("DISTILX_DEMO_DIR")) return e;
-  for (const std::string d : {std::string(DISTILX_DEMO_DIR), std::string(DISTILX_SHARE_DIR) + "/demo"})
+  for (const std::string d : {exe_share_dir() + "/demo", std::string(DISTILX_DEMO_DIR), std::string(DISTILX_SHARE_DIR) + "/demo"})
     if (!d.empty() && fs::exists(fs::path(d) / "teacher" / "config.json")) return d;
   throw io_error("demo assets not found (set DISTILX_DEMO_DIR to the folder with teacher/ and data/)");
 }
@@ -852,6 +880,7 @@ int cmd_demo(int argc, char** argv) {
                                 "Distils the bundled teacher (a small Qwen2 trained on the King James Bible) into an\n"
                                 "xLSTM student on the CPU, trains a CE-only student with the same budget, and compares."))
     return 0;
+  if (vm.count("print-config")) return print_config(vm, desc), 0;
   apply_threads(vm);
   const std::string assets = demo_dir(), out = vm["out"].as<std::string>();
   const long steps = vm["steps"].as<long>();
@@ -889,7 +918,10 @@ int cmd_demo(int argc, char** argv) {
     return run_distill(dvm, ce_only ? "[ce-only]" : "[distill]");
   };
   const DistillOutcome distilled = run("distilled", false);
-  if (distilled.interrupted) return 130;
+  if (distilled.interrupted) {
+    std::fprintf(stderr, "demo interrupted; run `distilx` again to start it over\n");
+    return 130;
+  }
   DistillOutcome baseline;
   const bool base = !vm["skip-baseline"].as<bool>();
   if (base) {
@@ -898,13 +930,14 @@ int cmd_demo(int argc, char** argv) {
   }
   std::printf("\nHeld-out perplexity on chapters the teacher never trained on (%lld tokens):\n",
               (long long)distilled.eval.tokens);
-  std::printf("  %-34s %10s %14s %10s %9s\n", "model", "perplexity", "KL(teacher||.)", "top-1", "time");
-  std::printf("  %-34s %10.2f %14s %10s %9s\n", "teacher (Qwen2, 2.0M params)", distilled.eval.teacher_ppl, "-", "-", "-");
-  std::printf("  %-34s %10.2f %14.4f %10.3f %8.0fs\n", "xLSTM student, Δ-distillation", distilled.eval.student_ppl,
+  std::printf("  %-38s %10s %14s %7s %7s\n", "model", "perplexity", "KL(teacher||.)", "top-1", "time");
+  std::printf("  %-38s %10.2f %14s %7s %7s\n", "teacher (Qwen2, 2.0M params)", distilled.eval.teacher_ppl, "-", "-", "-");
+  std::printf("  %-38s %10.2f %14.4f %7.3f %6.0fs\n", "xLSTM student, delta-distillation", distilled.eval.student_ppl,
               distilled.eval.kl, distilled.eval.top1, distilled.seconds);
   if (base)
-    std::printf("  %-34s %10.2f %14.4f %10.3f %8.0fs\n", "xLSTM student, CE only (same budget)", baseline.eval.student_ppl,
+    std::printf("  %-38s %10.2f %14.4f %7.3f %6.0fs\n", "xLSTM student, CE only (same budget)", baseline.eval.student_ppl,
                 baseline.eval.kl, baseline.eval.top1, baseline.seconds);
+  std::fflush(stdout);
   std::string extra = base ? " '" + (fs::path(out) / "ce_only").string() + "'" : "";
   extra += " --out '" + out + "'";
   const bool plotted = run_plot((fs::path(out) / "distilled").string(), extra) == 0;
@@ -937,9 +970,11 @@ const char* kTopUsage =
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::signal(SIGINT, app::on_sigint);
   try {
-    if (argc < 2) return cmd_demo(1, argv);
+    if (argc < 2) {
+      std::signal(SIGINT, app::on_sigint);
+      return cmd_demo(1, argv);
+    }
     const std::string cmd = argv[1];
     if (cmd == "--help" || cmd == "-h" || cmd == "help") {
       std::cout << kTopUsage << "\n";
@@ -952,6 +987,7 @@ int main(int argc, char** argv) {
     // Subcommand parsers see argv[1..] (argv[0] of the sub-parse is the command name).
     int sub_argc = argc - 1;
     char** sub_argv = argv + 1;
+    if (cmd == "distill" || cmd == "demo" || cmd[0] == '-') std::signal(SIGINT, app::on_sigint);
     if (cmd == "distill") return cmd_distill(sub_argc, sub_argv);
     if (cmd == "eval") return cmd_eval(sub_argc, sub_argv);
     if (cmd == "generate") return cmd_generate(sub_argc, sub_argv);

@@ -68,6 +68,18 @@ kill -INT $pid; wait $pid; rc=$?
 has sigint_msg "checkpoint saved" sigint.err
 ls run3/ckpt_*.dxc > /dev/null 2>&1 && ok "ctrl-c checkpoint written" || bad "no checkpoint after ctrl-c" sigint.err
 
+# Pre-tokenized shards as data (absolute paths are recorded, so resume works from anywhere).
+expect tokenize 0 "$BIN" tokenize --tokenizer "$TEACHER/tokenizer.json" --out tok/train train.txt
+has tokenize_msg "tokens in" tokenize.out
+expect shards_run 0 "$BIN" distill --teacher "$TEACHER" --data tok/train.json --steps 3 --lr 2e-3 --checkpoint-every 1 "${BASE[@]}" --out run8
+rm -f run8/ckpt_3.dxc
+( cd / && "$BIN" distill --teacher "$TEACHER" --data "$WORK/tok/train.json" --steps 3 --lr 2e-3 --checkpoint-every 1 \
+    "${BASE[@]/val.txt/$WORK/val.txt}" --out "$WORK/run8" --resume ) > shards_resume.out 2> shards_resume.err; rc=$?
+[ $rc -eq 0 ] && ok "resume with shard data from another directory" || bad "shard resume exit $rc" shards_resume.err
+[ "$(grep -c '^step,' run8/metrics.csv)" -eq 3 ] && ok "metrics not duplicated after resume" || bad "metrics rows after resume" run8/metrics.csv
+expect bad_divergence 2 "$BIN" distill --teacher "$TEACHER" --data train.txt --divergence kl2 --out run9
+has bad_divergence_msg "kl2" bad_divergence.err
+
 # generate: deterministic for a seed.
 GEN=(generate --student run1/student.safetensors --tokenizer "$TEACHER/tokenizer.json" --prompt "And God said" --max-tokens 20 --temperature 0.9 --top-k 50)
 expect gen1 0 "$BIN" "${GEN[@]}" --seed 11

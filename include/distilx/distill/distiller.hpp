@@ -32,7 +32,8 @@ struct DistillerConfig {
   index_t max_steps = 100;       // optimizer steps of the whole run
   double clip_norm = 1.0;        // global gradient norm (<= 0: off)
   AdamWConfig adamw{2e-4, 0.9, 0.999, 1e-8, 0.01};
-  LrScheduleConfig lr{LrScheduleKind::cosine, 2e-4, 10, 100, 0.0};
+  /// base_lr 0 means adamw.lr; total_steps 0 means max_steps.
+  LrScheduleConfig lr{LrScheduleKind::cosine, 0.0, 10, 0, 0.0};
   DistillationLossConfig loss;
   index_t eval_every = 0;        // optimizer steps between evaluations (0: only at the end)
   index_t eval_batches = 0;      // validation batches per evaluation (0: all)
@@ -117,7 +118,7 @@ class Distiller {
         cfg_(std::move(cfg)),
         loss_(cfg_.loss),
         opt_(student.layout(), cfg_.adamw),
-        lr_(cfg_.lr) {
+        lr_(resolved_lr(cfg_)) {
     const StudentConfig& sc = student_.config();
     DISTILX_REQUIRE(config_error, sc.vocab_size == teacher_.vocab_size(), "student vocabulary ", sc.vocab_size,
                     " differs from the teacher's ", teacher_.vocab_size());
@@ -138,6 +139,9 @@ class Distiller {
   void add_callback(std::shared_ptr<DistillerCallback> cb) { callbacks_.push_back(std::move(cb)); }
 
   index_t step_count() const { return step_; }
+  /// The latest evaluation (step -1 before any).
+  const EvalReport& last_eval() const { return last_eval_; }
+  index_t last_eval_step() const { return last_eval_.step; }
   index_t epoch() const { return epoch_; }
   index_t steps_per_epoch() const { return steps_per_epoch_; }
   const DistillerConfig& config() const { return cfg_; }
@@ -246,6 +250,7 @@ class Distiller {
     e.kl = kl / double(positions);
     e.top1 = top1 / double(positions);
     e.tokens = targets;
+    last_eval_ = e;
     for (auto& cb : callbacks_) cb->on_eval(e);
     return e;
   }
@@ -332,6 +337,13 @@ class Distiller {
   }
 
  private:
+  static LrScheduleConfig resolved_lr(DistillerConfig& c) {
+    if (c.lr.base_lr <= 0) c.lr.base_lr = c.adamw.lr;
+    if (c.lr.total_steps <= 0) c.lr.total_steps = c.max_steps;
+    c.lr.warmup_steps = std::min(c.lr.warmup_steps, c.lr.total_steps);
+    return c.lr;
+  }
+
   void next_batch() {
     if (!loader_.next(inputs_.data(), targets_.data())) {
       const bool ok = loader_.next(inputs_.data(), targets_.data());
@@ -412,6 +424,7 @@ class Distiller {
   index_t B_ = 0, S_ = 0, steps_per_epoch_ = 1;
   index_t step_ = 0, epoch_ = 0, tokens_ = 0, bad_streak_ = 0, last_checkpoint_step_ = -1;
   double elapsed_ = 0;
+  EvalReport last_eval_{-1};
   std::vector<std::int32_t> inputs_, targets_;
   std::vector<Tensor<T, Backend>> teacher_hidden_;
   Buffer<T, Backend> dh_;
