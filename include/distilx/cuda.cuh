@@ -18,6 +18,7 @@
 
 // CUDA cell specialisations (MLSTMCell<T, cuda> / SLSTMCell<T, cuda>) come after the ops, since
 // they include the CPU cell headers, and before any block or student is instantiated.
+#include "distilx/backend/cuda/mlstm.cuh"
 #include "distilx/backend/cuda/slstm.cuh"
 
 // 3. The library itself (cells, blocks, student, I/O, loss, optimizer, distiller).
