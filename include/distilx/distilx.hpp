@@ -41,3 +41,4 @@
 #include "distilx/optim/lr_schedule.hpp"
 #include "distilx/distill/setup.hpp"
 #include "distilx/distill/distiller.hpp"
+#include "distilx/distill/callbacks.hpp"

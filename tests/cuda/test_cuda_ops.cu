@@ -1,7 +1,7 @@
 // Parity of every CUDA op with its CPU op on random inputs (norm-relative error per tensor:
 // float <= 1e-5 with TF32 off, double <= 1e-12), gradients with their accumulate semantics,
 // bit-identical reruns of every reduction, embedding id validation, the AdamW / clipping
-// front ends on Buffer<T, cuda>, a non-default stream, and caching-allocator reuse.
+// front ends on Buffer<T, distilx::cuda>, a non-default stream, and caching-allocator reuse.
 #include <boost/mpl/list.hpp>
 #include <boost/test/unit_test.hpp>
 
@@ -42,7 +42,7 @@ std::vector<T> randv(index_t n, Rng& rng, double lo = -1.0, double hi = 1.0) {
 /// A device copy of a host vector.
 template <class T>
 struct Dev {
-  Buffer<T, cuda> buf;
+  Buffer<T, distilx::cuda> buf;
   explicit Dev(const std::vector<T>& h) : buf(static_cast<index_t>(h.size())) { set(h); }
   void set(const std::vector<T>& h) { buf.copy_from_host(h.data(), static_cast<index_t>(h.size())); }
   T* p() { return buf.data(); }
@@ -85,7 +85,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(gemm_matches_cpu, T, Scalars) {
         auto A = randv<T>(ar * lda, rng), B = randv<T>(br * ldb, rng), C = randv<T>(M * ldc, rng);
         Dev<T> dA(A), dB(B), dC(C);
         ops::gemm(cpu{}, ta, tb, M, N, K, T(0.7), A.data(), lda, B.data(), ldb, beta, C.data(), ldc);
-        ops::gemm(cuda{}, ta, tb, M, N, K, T(0.7), dA.p(), lda, dB.p(), ldb, beta, dC.p(), ldc);
+        ops::gemm(distilx::cuda{}, ta, tb, M, N, K, T(0.7), dA.p(), lda, dB.p(), ldb, beta, dC.p(), ldc);
         expect_close(std::string("gemm ") + (ta == Trans::yes ? "T" : "N") + (tb == Trans::yes ? "T" : "N") +
                          (beta == T(0) ? " beta=0" : " beta=0.3"),
                      dC, C);
@@ -96,7 +96,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(gemm_matches_cpu, T, Scalars) {
     Dev<T> dC(C), dA(A);
     ops::gemm(cpu{}, Trans::no, Trans::no, M, N, index_t{0}, T(1), A.data(), index_t{1}, A.data(), N, beta, C.data(),
               N);
-    ops::gemm(cuda{}, Trans::no, Trans::no, M, N, index_t{0}, T(1), dA.p(), index_t{1}, dA.p(), N, beta, dC.p(), N);
+    ops::gemm(distilx::cuda{}, Trans::no, Trans::no, M, N, index_t{0}, T(1), dA.p(), index_t{1}, dA.p(), N, beta, dC.p(), N);
     expect_close(std::string("gemm K=0 beta=") + (beta == T(0) ? "0" : "1.5"), dC, C);
   }
 }
@@ -113,7 +113,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(gemm_strided_batched_matches_loop, T, Scalars) {
       for (index_t i = 0; i < batch; ++i)
         ops::gemm(cpu{}, ta, tb, M, N, K, T(1.1), A.data() + i * sa, lda, B.data() + i * sb, ldb, T(0.5),
                   C.data() + i * sc, N);
-      ops::gemm_strided_batched(cuda{}, ta, tb, M, N, K, T(1.1), dA.p(), lda, sa, dB.p(), ldb, sb, T(0.5), dC.p(), N,
+      ops::gemm_strided_batched(distilx::cuda{}, ta, tb, M, N, K, T(1.1), dA.p(), lda, sa, dB.p(), ldb, sb, T(0.5), dC.p(), N,
                                 sc, batch);
       expect_close(std::string("gemm_strided_batched ") + (ta == Trans::yes ? "T" : "N") +
                        (tb == Trans::yes ? "T" : "N"),
@@ -130,11 +130,11 @@ BOOST_AUTO_TEST_CASE(tf32_switch) {
   ops::gemm(cpu{}, Trans::no, Trans::no, M, N, K, 1.f, A.data(), K, B.data(), N, 0.f, C.data(), N);
   BOOST_CHECK(!cuda_backend::tf32_enabled());
   cuda_backend::set_tf32(true);
-  ops::gemm(cuda{}, Trans::no, Trans::no, M, N, K, 1.f, dA.p(), K, dB.p(), N, 0.f, dC.p(), N);
+  ops::gemm(distilx::cuda{}, Trans::no, Trans::no, M, N, K, 1.f, dA.p(), K, dB.p(), N, 0.f, dC.p(), N);
   const auto c32 = dC.host();
   const double e_tf32 = relative_error(c32.data(), C.data(), M * N);
   cuda_backend::set_tf32(false);
-  ops::gemm(cuda{}, Trans::no, Trans::no, M, N, K, 1.f, dA.p(), K, dB.p(), N, 0.f, dC.p(), N);
+  ops::gemm(distilx::cuda{}, Trans::no, Trans::no, M, N, K, 1.f, dA.p(), K, dB.p(), N, 0.f, dC.p(), N);
   const auto cfp = dC.host();
   const double e_fp32 = relative_error(cfp.data(), C.data(), M * N);
   std::printf("  %-44s %-6s rel err %.3e (TF32 on), %.3e (off)\n", "gemm tf32 switch", "float", e_tf32, e_fp32);
@@ -153,7 +153,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(linear_forward_backward, T, Scalars) {
     std::vector<T> y(static_cast<std::size_t>(M * N));
     Dev<T> dyo(y);
     ops::linear_forward(cpu{}, y.data(), x.data(), W.data(), bias ? b.data() : nullptr, M, K, N);
-    ops::linear_forward(cuda{}, dyo.p(), dx_.p(), dW_.p(), bias ? db_.p() : nullptr, M, K, N);
+    ops::linear_forward(distilx::cuda{}, dyo.p(), dx_.p(), dW_.p(), bias ? db_.p() : nullptr, M, K, N);
     expect_close(bias ? "linear_forward (bias)" : "linear_forward (no bias)", dyo, y);
   }
   for (bool acc : {false, true}) {
@@ -161,7 +161,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(linear_forward_backward, T, Scalars) {
     auto gx = gx0, gW = gW0, gb = gb0;
     Dev<T> dgx(gx0), dgW(gW0), dgb(gb0);
     ops::linear_backward(cpu{}, gx.data(), gW.data(), gb.data(), dy.data(), x.data(), W.data(), M, K, N, acc);
-    ops::linear_backward(cuda{}, dgx.p(), dgW.p(), dgb.p(), ddy.p(), dx_.p(), dW_.p(), M, K, N, acc);
+    ops::linear_backward(distilx::cuda{}, dgx.p(), dgW.p(), dgb.p(), ddy.p(), dx_.p(), dW_.p(), M, K, N, acc);
     const std::string tag = acc ? " (accumulate dx)" : "";
     expect_close("linear_backward dx" + tag, dgx, gx);
     expect_close("linear_backward dW (+=)" + tag, dgW, gW);
@@ -170,7 +170,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(linear_forward_backward, T, Scalars) {
     const auto hW = dgW.host(), hb = dgb.host();
     dgW.set(gW0);
     dgb.set(gb0);
-    ops::linear_backward(cuda{}, static_cast<T*>(nullptr), dgW.p(), dgb.p(), ddy.p(), dx_.p(), dW_.p(), M, K, N);
+    ops::linear_backward(distilx::cuda{}, static_cast<T*>(nullptr), dgW.p(), dgb.p(), ddy.p(), dx_.p(), dW_.p(), M, K, N);
     expect_identical("linear_backward dW rerun", dgW.host(), hW);
     expect_identical("linear_backward db rerun", dgb.host(), hb);
   }
@@ -187,14 +187,14 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(headwise_forward_backward, T, Scalars) {
     auto dy = randv<T>(M * ldy, rng);
     Dev<T> dxv(x), dWv(W), dyv(y), ddy(dy);
     ops::headwise_forward(cpu{}, y.data(), x.data(), W.data(), M, P, I, O, ly, lx);
-    ops::headwise_forward(cuda{}, dyv.p(), dxv.p(), dWv.p(), M, P, I, O, ly, lx);
+    ops::headwise_forward(distilx::cuda{}, dyv.p(), dxv.p(), dWv.p(), M, P, I, O, ly, lx);
     const std::string tag = wide ? " (ldx, ldy)" : "";
     expect_close("headwise_forward" + tag, dyv, y);
     for (bool acc : {false, true}) {
       auto gx = randv<T>(M * ldx, rng), gW = randv<T>(P * O * I, rng);
       Dev<T> dgx(gx), dgW(gW);
       ops::headwise_backward(cpu{}, gx.data(), gW.data(), dy.data(), x.data(), W.data(), M, P, I, O, acc, ly, lx);
-      ops::headwise_backward(cuda{}, dgx.p(), dgW.p(), ddy.p(), dxv.p(), dWv.p(), M, P, I, O, acc, ly, lx);
+      ops::headwise_backward(distilx::cuda{}, dgx.p(), dgW.p(), ddy.p(), dxv.p(), dWv.p(), M, P, I, O, acc, ly, lx);
       expect_close("headwise_backward dx" + tag + (acc ? " (accumulate)" : ""), dgx, gx);
       expect_close("headwise_backward dW (+=)" + tag, dgW, gW);
     }
@@ -207,13 +207,13 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(lm_head_forward_backward, T, Scalars) {
   auto h = randv<T>(M * d, rng), E = randv<T>(V * d, rng), logits = randv<T>(M * V, rng), dl = randv<T>(M * V, rng);
   Dev<T> dh(h), dE(E), dlog(logits), ddl(dl);
   ops::lm_head_forward(cpu{}, logits.data(), h.data(), E.data(), M, d, V);
-  ops::lm_head_forward(cuda{}, dlog.p(), dh.p(), dE.p(), M, d, V);
+  ops::lm_head_forward(distilx::cuda{}, dlog.p(), dh.p(), dE.p(), M, d, V);
   expect_close("lm_head_forward", dlog, logits);
   for (bool acc : {false, true}) {
     auto gh = randv<T>(M * d, rng);
     Dev<T> dgh(gh);
     ops::lm_head_backward(cpu{}, gh.data(), dl.data(), E.data(), M, d, V, acc);
-    ops::lm_head_backward(cuda{}, dgh.p(), ddl.p(), dE.p(), M, d, V, acc);
+    ops::lm_head_backward(distilx::cuda{}, dgh.p(), ddl.p(), dE.p(), M, d, V, acc);
     expect_close(acc ? "lm_head_backward (accumulate)" : "lm_head_backward", dgh, gh);
   }
 }
@@ -229,7 +229,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(conv1d_forward_backward_step, T, Scalars) {
     std::vector<T> y(static_cast<std::size_t>(B * S * F));
     Dev<T> dyv(y);
     ops::causal_conv1d_forward(cpu{}, y.data(), x.data(), W.data(), bias ? b.data() : nullptr, B, S, F, K);
-    ops::causal_conv1d_forward(cuda{}, dyv.p(), dxv.p(), dWv.p(), bias ? dbv.p() : nullptr, B, S, F, K);
+    ops::causal_conv1d_forward(distilx::cuda{}, dyv.p(), dxv.p(), dWv.p(), bias ? dbv.p() : nullptr, B, S, F, K);
     expect_close(bias ? "causal_conv1d_forward (bias)" : "causal_conv1d_forward", dyv, y);
   }
   for (bool acc : {false, true}) {
@@ -238,14 +238,14 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(conv1d_forward_backward_step, T, Scalars) {
     Dev<T> dgx(gx0), dgW(gW0), dgb(gb0);
     ops::causal_conv1d_backward(cpu{}, gx.data(), gW.data(), gb.data(), dy.data(), x.data(), W.data(), B, S, F, K,
                                 acc);
-    ops::causal_conv1d_backward(cuda{}, dgx.p(), dgW.p(), dgb.p(), ddy.p(), dxv.p(), dWv.p(), B, S, F, K, acc);
+    ops::causal_conv1d_backward(distilx::cuda{}, dgx.p(), dgW.p(), dgb.p(), ddy.p(), dxv.p(), dWv.p(), B, S, F, K, acc);
     expect_close(std::string("causal_conv1d_backward dx") + (acc ? " (accumulate)" : ""), dgx, gx);
     expect_close("causal_conv1d_backward dW (+=)", dgW, gW);
     expect_close("causal_conv1d_backward db (+=)", dgb, gb);
     const auto hW = dgW.host(), hb = dgb.host();
     dgW.set(gW0);
     dgb.set(gb0);
-    ops::causal_conv1d_backward(cuda{}, static_cast<T*>(nullptr), dgW.p(), dgb.p(), ddy.p(), dxv.p(), dWv.p(), B, S,
+    ops::causal_conv1d_backward(distilx::cuda{}, static_cast<T*>(nullptr), dgW.p(), dgb.p(), ddy.p(), dxv.p(), dWv.p(), B, S,
                                 F, K);
     expect_identical("causal_conv1d_backward dW rerun", dgW.host(), hW);
     expect_identical("causal_conv1d_backward db rerun", dgb.host(), hb);
@@ -259,7 +259,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(conv1d_forward_backward_step, T, Scalars) {
     Dev<T> dxt(xt);
     const bool bias = step % 2 == 0;
     ops::causal_conv1d_step(cpu{}, ys.data(), buf.data(), xt.data(), W.data(), bias ? b.data() : nullptr, Bs, F, K);
-    ops::causal_conv1d_step(cuda{}, dys.p(), dbuf.p(), dxt.p(), dWv.p(), bias ? dbv.p() : nullptr, Bs, F, K);
+    ops::causal_conv1d_step(distilx::cuda{}, dys.p(), dbuf.p(), dxt.p(), dWv.p(), bias ? dbv.p() : nullptr, Bs, F, K);
     expect_close("causal_conv1d_step y, step " + std::to_string(step), dys, ys);
     expect_close("causal_conv1d_step window, step " + std::to_string(step), dbuf, buf);
   }
@@ -277,10 +277,10 @@ void check_group_layernorm(index_t M, index_t G, index_t C, const std::string& n
   const T eps = T(1e-5);
   if (G == 1) {
     ops::layernorm_forward(cpu{}, y.data(), mean.data(), rstd.data(), x.data(), w.data(), M, C, eps);
-    ops::layernorm_forward(cuda{}, dyv.p(), dmean.p(), drstd.p(), dxv.p(), dwv.p(), M, C, eps);
+    ops::layernorm_forward(distilx::cuda{}, dyv.p(), dmean.p(), drstd.p(), dxv.p(), dwv.p(), M, C, eps);
   } else {
     ops::group_layernorm_forward(cpu{}, y.data(), mean.data(), rstd.data(), x.data(), w.data(), M, G, C, eps);
-    ops::group_layernorm_forward(cuda{}, dyv.p(), dmean.p(), drstd.p(), dxv.p(), dwv.p(), M, G, C, eps);
+    ops::group_layernorm_forward(distilx::cuda{}, dyv.p(), dmean.p(), drstd.p(), dxv.p(), dwv.p(), M, G, C, eps);
   }
   expect_close(name + " forward y", dyv, y);
   expect_close(name + " forward mean", dmean, mean);
@@ -295,20 +295,20 @@ void check_group_layernorm(index_t M, index_t G, index_t C, const std::string& n
                               C, acc);
       dmean.set(mean);
       drstd.set(rstd);
-      ops::layernorm_backward(cuda{}, dgx.p(), dgw.p(), ddy.p(), dxv.p(), dwv.p(), dmean.p(), drstd.p(), M, C, acc);
+      ops::layernorm_backward(distilx::cuda{}, dgx.p(), dgw.p(), ddy.p(), dxv.p(), dwv.p(), dmean.p(), drstd.p(), M, C, acc);
     } else {
       ops::group_layernorm_backward(cpu{}, gx.data(), gw.data(), dy.data(), x.data(), w.data(), mean.data(),
                                     rstd.data(), M, G, C, acc);
       dmean.set(mean);
       drstd.set(rstd);
-      ops::group_layernorm_backward(cuda{}, dgx.p(), dgw.p(), ddy.p(), dxv.p(), dwv.p(), dmean.p(), drstd.p(), M, G,
+      ops::group_layernorm_backward(distilx::cuda{}, dgx.p(), dgw.p(), ddy.p(), dxv.p(), dwv.p(), dmean.p(), drstd.p(), M, G,
                                     C, acc);
     }
     expect_close(name + " backward dx" + (acc ? " (accumulate)" : ""), dgx, gx);
     expect_close(name + " backward dw (+=)", dgw, gw);
     const auto hw = dgw.host();
     dgw.set(gw0);
-    ops::group_layernorm_backward(cuda{}, dgx.p(), dgw.p(), ddy.p(), dxv.p(), dwv.p(), dmean.p(), drstd.p(), M, G, C,
+    ops::group_layernorm_backward(distilx::cuda{}, dgx.p(), dgw.p(), ddy.p(), dxv.p(), dwv.p(), dmean.p(), drstd.p(), M, G, C,
                                   acc);
     expect_identical(name + " backward dw rerun", dgw.host(), hw);
   }
@@ -330,11 +330,11 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(rmsnorm, T, Scalars) {
   std::vector<T> y(static_cast<std::size_t>(M * C)), rstd(static_cast<std::size_t>(M));
   Dev<T> dxv(x), dwv(w), dyv(y), drstd(rstd);
   ops::rmsnorm_forward(cpu{}, y.data(), rstd.data(), x.data(), w.data(), M, C, T(1e-6));
-  ops::rmsnorm_forward(cuda{}, dyv.p(), drstd.p(), dxv.p(), dwv.p(), M, C, T(1e-6));
+  ops::rmsnorm_forward(distilx::cuda{}, dyv.p(), drstd.p(), dxv.p(), dwv.p(), M, C, T(1e-6));
   expect_close("rmsnorm_forward y", dyv, y);
   expect_close("rmsnorm_forward rstd", drstd, rstd);
   Dev<T> dy2(std::vector<T>(y.size()));
-  ops::rmsnorm_forward(cuda{}, dy2.p(), static_cast<T*>(nullptr), dxv.p(), dwv.p(), M, C, T(1e-6));
+  ops::rmsnorm_forward(distilx::cuda{}, dy2.p(), static_cast<T*>(nullptr), dxv.p(), dwv.p(), M, C, T(1e-6));
   expect_close("rmsnorm_forward (rstd null)", dy2, y);
 }
 
@@ -347,29 +347,29 @@ void check_activation(const std::string& name, Rng& rng) {
   std::vector<T> y(static_cast<std::size_t>(n));
   Dev<T> dxv(x), dav(a), ddy(dy), dyv(y);
   ops::act_forward<Act>(cpu{}, y.data(), x.data(), n);
-  ops::act_forward<Act>(cuda{}, dyv.p(), dxv.p(), n);
+  ops::act_forward<Act>(distilx::cuda{}, dyv.p(), dxv.p(), n);
   expect_close(name + " act_forward", dyv, y);
   {  // in place (y aliases x)
     auto xi = x;
     Dev<T> dxi(x);
     ops::act_forward<Act>(cpu{}, xi.data(), xi.data(), n);
-    ops::act_forward<Act>(cuda{}, dxi.p(), dxi.p(), n);
+    ops::act_forward<Act>(distilx::cuda{}, dxi.p(), dxi.p(), n);
     expect_close(name + " act_forward in place", dxi, xi);
   }
   for (bool acc : {false, true}) {
     auto gx = randv<T>(n, rng);
     Dev<T> dgx(gx);
     ops::act_backward<Act>(cpu{}, gx.data(), dy.data(), x.data(), n, acc);
-    ops::act_backward<Act>(cuda{}, dgx.p(), ddy.p(), dxv.p(), n, acc);
+    ops::act_backward<Act>(distilx::cuda{}, dgx.p(), ddy.p(), dxv.p(), n, acc);
     expect_close(name + " act_backward" + (acc ? " (accumulate)" : ""), dgx, gx);
   }
   ops::gated_forward<Act>(cpu{}, y.data(), x.data(), a.data(), n);
-  ops::gated_forward<Act>(cuda{}, dyv.p(), dxv.p(), dav.p(), n);
+  ops::gated_forward<Act>(distilx::cuda{}, dyv.p(), dxv.p(), dav.p(), n);
   expect_close(name + " gated_forward", dyv, y);
   std::vector<T> dg(static_cast<std::size_t>(n)), da(static_cast<std::size_t>(n));
   Dev<T> ddg(dg), dda(da);
   ops::gated_backward<Act>(cpu{}, dg.data(), da.data(), dy.data(), x.data(), a.data(), n);
-  ops::gated_backward<Act>(cuda{}, ddg.p(), dda.p(), ddy.p(), dxv.p(), dav.p(), n);
+  ops::gated_backward<Act>(distilx::cuda{}, ddg.p(), dda.p(), ddy.p(), dxv.p(), dav.p(), n);
   expect_close(name + " gated_backward dg", ddg, dg);
   expect_close(name + " gated_backward da", dda, da);
 }
@@ -392,36 +392,36 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(elementwise, T, Scalars) {
     std::vector<T> y(static_cast<std::size_t>(n));
     Dev<T> dy(y);
     ops::add(cpu{}, y.data(), a.data(), b.data(), n);
-    ops::add(cuda{}, dy.p(), da.p(), db.p(), n);
+    ops::add(distilx::cuda{}, dy.p(), da.p(), db.p(), n);
     expect_close("add", dy, y);
     auto a2 = a;
     Dev<T> da2(a);
     ops::add(cpu{}, a2.data(), a2.data(), b.data(), n);
-    ops::add(cuda{}, da2.p(), da2.p(), db.p(), n);
+    ops::add(distilx::cuda{}, da2.p(), da2.p(), db.p(), n);
     expect_close("add (y aliases a)", da2, a2);
     ops::add_inplace(cpu{}, y.data(), a.data(), n);
-    ops::add_inplace(cuda{}, dy.p(), da.p(), n);
+    ops::add_inplace(distilx::cuda{}, dy.p(), da.p(), n);
     expect_close("add_inplace", dy, y);
-    ops::copy(cuda{}, dy.p(), db.p(), n);
+    ops::copy(distilx::cuda{}, dy.p(), db.p(), n);
     expect_close("copy", dy, b);
-    ops::fill_zero(cuda{}, dy.p(), n);
+    ops::fill_zero(distilx::cuda{}, dy.p(), n);
     expect_close("fill_zero", dy, std::vector<T>(static_cast<std::size_t>(n), T(0)));
   }
   const index_t M = 5003, N = 70;
   auto y = randv<T>(M * N, rng), r = randv<T>(N, rng);
   Dev<T> dy(y), dr(r);
   ops::add_row_vector(cpu{}, y.data(), r.data(), M, N);
-  ops::add_row_vector(cuda{}, dy.p(), dr.p(), M, N);
+  ops::add_row_vector(distilx::cuda{}, dy.p(), dr.p(), M, N);
   expect_close("add_row_vector", dy, y);
   const auto s0 = randv<T>(N, rng);
   auto s = s0;
   Dev<T> ds(s0);
   ops::column_sum(cpu{}, s.data(), y.data(), M, N);
-  ops::column_sum(cuda{}, ds.p(), dy.p(), M, N);
+  ops::column_sum(distilx::cuda{}, ds.p(), dy.p(), M, N);
   expect_close("column_sum (+=)", ds, s);
   const auto h1 = ds.host();
   ds.set(s0);
-  ops::column_sum(cuda{}, ds.p(), dy.p(), M, N);
+  ops::column_sum(distilx::cuda{}, ds.p(), dy.p(), M, N);
   expect_identical("column_sum rerun", ds.host(), h1);
 }
 
@@ -432,7 +432,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(mlstm_output, T, Scalars) {
   std::vector<T> out(static_cast<std::size_t>(M * D)), hs(static_cast<std::size_t>(M * D));
   Dev<T> dhn_(hn), dskip_(skip), dxc_(xc), dz_(z), dout(out), dhs(hs);
   ops::mlstm_output_forward(cpu{}, out.data(), hs.data(), hn.data(), skip.data(), xc.data(), z.data(), M, D);
-  ops::mlstm_output_forward(cuda{}, dout.p(), dhs.p(), dhn_.p(), dskip_.p(), dxc_.p(), dz_.p(), M, D);
+  ops::mlstm_output_forward(distilx::cuda{}, dout.p(), dhs.p(), dhn_.p(), dskip_.p(), dxc_.p(), dz_.p(), M, D);
   expect_close("mlstm_output_forward out", dout, out);
   expect_close("mlstm_output_forward hs", dhs, hs);
   auto gout = randv<T>(M * D, rng);
@@ -443,7 +443,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(mlstm_output, T, Scalars) {
   ops::mlstm_output_backward(cpu{}, ghn.data(), gz.data(), gxc.data(), gskip.data(), gout.data(), hs.data(),
                              skip.data(), xc.data(), z.data(), M, D);
   dhs.set(hs);
-  ops::mlstm_output_backward(cuda{}, dghn.p(), dgz.p(), dgxc.p(), dgskip.p(), dgout.p(), dhs.p(), dskip_.p(), dxc_.p(),
+  ops::mlstm_output_backward(distilx::cuda{}, dghn.p(), dgz.p(), dgxc.p(), dgskip.p(), dgout.p(), dhs.p(), dskip_.p(), dxc_.p(),
                              dz_.p(), M, D);
   expect_close("mlstm_output_backward dhn", dghn, ghn);
   expect_close("mlstm_output_backward dz", dgz, gz);
@@ -452,7 +452,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(mlstm_output, T, Scalars) {
   const auto h1 = dgskip.host();
   dgskip.set(gskip0);
   dgxc.set(gxc0);
-  ops::mlstm_output_backward(cuda{}, dghn.p(), dgz.p(), dgxc.p(), dgskip.p(), dgout.p(), dhs.p(), dskip_.p(), dxc_.p(),
+  ops::mlstm_output_backward(distilx::cuda{}, dghn.p(), dgz.p(), dgxc.p(), dgskip.p(), dgout.p(), dhs.p(), dskip_.p(), dxc_.p(),
                              dz_.p(), M, D);
   expect_identical("mlstm_output_backward dskip rerun", dgskip.host(), h1);
 }
@@ -470,7 +470,7 @@ void check_embedding(const std::string& name, Rng& rng) {
   std::vector<T> y(static_cast<std::size_t>(M * d));
   Dev<T> dE(E), dy(y);
   ops::embedding_forward(cpu{}, y.data(), tok.data(), E.data(), M, d, V);
-  ops::embedding_forward(cuda{}, dy.p(), tok.data(), dE.p(), M, d, V);
+  ops::embedding_forward(distilx::cuda{}, dy.p(), tok.data(), dE.p(), M, d, V);
   const auto got = dy.host();
   BOOST_CHECK_MESSAGE(got == y, name << ": gathered rows differ");
   expect_close(name, got, y);
@@ -483,9 +483,9 @@ void check_embedding(const std::string& name, Rng& rng) {
     } catch (const distilx::error& e) {
       cpu_msg = e.what();
     }
-    BOOST_CHECK_THROW(ops::embedding_forward(cuda{}, dy.p(), t2.data(), dE.p(), M, d, V), distilx::error);
+    BOOST_CHECK_THROW(ops::embedding_forward(distilx::cuda{}, dy.p(), t2.data(), dE.p(), M, d, V), distilx::error);
     try {
-      ops::embedding_forward(cuda{}, dy.p(), t2.data(), dE.p(), M, d, V);
+      ops::embedding_forward(distilx::cuda{}, dy.p(), t2.data(), dE.p(), M, d, V);
     } catch (const distilx::error& e) {
       cuda_msg = e.what();
     }
@@ -507,35 +507,35 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(sum_squares_scale_all_finite, T, Scalars) {
     auto x = randv<T>(n, rng);
     Dev<T> dx(x);
     const double ref = ops::sum_squares(cpu{}, x.data(), n);
-    const double got = ops::sum_squares(cuda{}, dx.p(), n);
-    const double again = ops::sum_squares(cuda{}, dx.p(), n);
+    const double got = ops::sum_squares(distilx::cuda{}, dx.p(), n);
+    const double again = ops::sum_squares(distilx::cuda{}, dx.p(), n);
     const double e = std::abs(got - ref) / ref;
     std::printf("  %-44s %-6s rel err %.3e\n", ("sum_squares n=" + std::to_string(n)).c_str(), tname<T>(), e);
     BOOST_CHECK_LE(e, 1e-12);  // accumulated in double for both scalar types
     BOOST_CHECK_MESSAGE(std::memcmp(&got, &again, sizeof got) == 0, "sum_squares rerun differs");
   }
-  BOOST_CHECK_EQUAL(ops::sum_squares(cuda{}, static_cast<const T*>(nullptr), index_t{0}), 0.0);
+  BOOST_CHECK_EQUAL(ops::sum_squares(distilx::cuda{}, static_cast<const T*>(nullptr), index_t{0}), 0.0);
 
   const index_t n = 100001;
   auto x = randv<T>(n, rng);
   Dev<T> dx(x);
   ops::scale(cpu{}, x.data(), T(0.37), n);
-  ops::scale(cuda{}, dx.p(), T(0.37), n);
+  ops::scale(distilx::cuda{}, dx.p(), T(0.37), n);
   expect_close("scale", dx, x);
 
-  BOOST_CHECK(ops::all_finite(cuda{}, dx.p(), n));
+  BOOST_CHECK(ops::all_finite(distilx::cuda{}, dx.p(), n));
   for (T bad : {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::infinity(),
                 -std::numeric_limits<T>::infinity()}) {
     auto y = x;
     y[static_cast<std::size_t>(n - 3)] = bad;
     Dev<T> dy(y);
-    BOOST_CHECK(!ops::all_finite(cuda{}, dy.p(), n));
-    BOOST_CHECK_EQUAL(ops::all_finite(cpu{}, y.data(), n), ops::all_finite(cuda{}, dy.p(), n));
+    BOOST_CHECK(!ops::all_finite(distilx::cuda{}, dy.p(), n));
+    BOOST_CHECK_EQUAL(ops::all_finite(cpu{}, y.data(), n), ops::all_finite(distilx::cuda{}, dy.p(), n));
   }
   auto big = std::vector<T>{std::numeric_limits<T>::max(), -std::numeric_limits<T>::max(),
                             std::numeric_limits<T>::denorm_min()};
   Dev<T> dbig(big);
-  BOOST_CHECK(ops::all_finite(cuda{}, dbig.p(), 3));
+  BOOST_CHECK(ops::all_finite(distilx::cuda{}, dbig.p(), 3));
 }
 
 BOOST_AUTO_TEST_CASE_TEMPLATE(adamw_update_matches_cpu, T, Scalars) {
@@ -552,7 +552,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(adamw_update_matches_cpu, T, Scalars) {
     c.neg_step_size = -(lr / (1 - std::pow(b1, step)));
     c.bias_correction2_sqrt = std::sqrt(1 - std::pow(b2, step));
     ops::adamw_update(cpu{}, p.data(), g.data(), m.data(), v.data(), n, c);
-    ops::adamw_update(cuda{}, dp.p(), dg.p(), dm.p(), dv.p(), n, c);
+    ops::adamw_update(distilx::cuda{}, dp.p(), dg.p(), dm.p(), dv.p(), n, c);
   }
   const auto hp = dp.host();
   index_t exact = 0;
@@ -571,24 +571,24 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(optimizer_and_clipping_front_ends, T, Scalars) {
   AdamWConfig cfg;
   cfg.weight_decay = 0.05;
   AdamW<T, cpu> oc(ranges, total, cfg);
-  AdamW<T, cuda> og(ranges, total, cfg);
+  AdamW<T, distilx::cuda> og(ranges, total, cfg);
   auto p = randv<T>(total, rng);
   Dev<T> dp(p);
   for (int step = 0; step < 3; ++step) {
     auto g = randv<T>(total, rng, -3, 3);
     Dev<T> dg(g);
     const double nc = clip_grad_norm(cpu{}, g.data(), total, 1.0);
-    const double ng = clip_grad_norm(cuda{}, dg.p(), total, 1.0);
+    const double ng = clip_grad_norm(distilx::cuda{}, dg.p(), total, 1.0);
     BOOST_CHECK_LE(std::abs(nc - ng) / nc, 1e-12);
     expect_close("clip_grad_norm g, step " + std::to_string(step), dg, g);
     BOOST_CHECK(all_finite(dg.buf));
     oc.step(p.data(), g.data(), 1e-2);
     og.step(dp.p(), dg.p(), 1e-2);
   }
-  expect_close("AdamW<T, cuda>::step params", dp, p);
+  expect_close("AdamW<T, distilx::cuda>::step params", dp, p);
   std::vector<T> m(oc.exp_avg().begin(), oc.exp_avg().end()), v(oc.exp_avg_sq().begin(), oc.exp_avg_sq().end());
-  expect_close("AdamW<T, cuda>::step exp_avg", og.exp_avg().to_host(), m);
-  expect_close("AdamW<T, cuda>::step exp_avg_sq", og.exp_avg_sq().to_host(), v);
+  expect_close("AdamW<T, distilx::cuda>::step exp_avg", og.exp_avg().to_host(), m);
+  expect_close("AdamW<T, distilx::cuda>::step exp_avg_sq", og.exp_avg_sq().to_host(), v);
 }
 
 // ---- streams and memory -------------------------------------------------------------------
@@ -605,16 +605,16 @@ BOOST_AUTO_TEST_CASE(non_default_stream) {
   cudaStream_t st = nullptr;
   DISTILX_CUDA_CHECK(cudaStreamCreate(&st));
   cuda_backend::current_stream() = st;
-  ops::linear_forward(cuda{}, dy.p(), dx.p(), dW.p(), db.p(), M, K, N);
-  ops::column_sum(cuda{}, ds.p(), dy.p(), M, N);
-  const double ss = ops::sum_squares(cuda{}, dy.p(), M * N);
+  ops::linear_forward(distilx::cuda{}, dy.p(), dx.p(), dW.p(), db.p(), M, K, N);
+  ops::column_sum(distilx::cuda{}, ds.p(), dy.p(), M, N);
+  const double ss = ops::sum_squares(distilx::cuda{}, dy.p(), M * N);
   DISTILX_CUDA_CHECK(cudaStreamSynchronize(st));
   cuda_backend::current_stream() = nullptr;
   expect_close("linear_forward on a created stream", dy, y);
   expect_close("column_sum on a created stream", ds, s);
   BOOST_CHECK_LE(std::abs(ss - ops::sum_squares(cpu{}, y.data(), M * N)) / ss, 1e-12);
   // Back on the default stream, the handle is rebound too.
-  ops::linear_forward(cuda{}, dy.p(), dx.p(), dW.p(), db.p(), M, K, N);
+  ops::linear_forward(distilx::cuda{}, dy.p(), dx.p(), dW.p(), db.p(), M, K, N);
   expect_close("linear_forward back on the default stream", dy, y);
   DISTILX_CUDA_CHECK(cudaStreamDestroy(st));
 }
@@ -623,12 +623,12 @@ BOOST_AUTO_TEST_CASE(buffer_reuse_through_caching_allocator) {
   DISTILX_CUDA_CHECK(cudaDeviceSynchronize());
   float* first = nullptr;
   {
-    Buffer<float, cuda> a(1000);
+    Buffer<float, distilx::cuda> a(1000);
     first = a.data();
     std::vector<float> ones(1000, 1.f);
     a.copy_from_host(ones.data(), 1000);
   }
-  Buffer<float, cuda> b(1000);
+  Buffer<float, distilx::cuda> b(1000);
   BOOST_CHECK_EQUAL(static_cast<void*>(b.data()), static_cast<void*>(first));
   const auto hb = b.to_host();
   BOOST_CHECK(std::all_of(hb.begin(), hb.end(), [](float f) { return f == 0.f; }));  // zeroed on reuse
@@ -637,15 +637,15 @@ BOOST_AUTO_TEST_CASE(buffer_reuse_through_caching_allocator) {
   BOOST_CHECK_EQUAL(static_cast<void*>(b.data()), static_cast<void*>(second));
   const std::size_t reserved = cuda_backend::CachingAllocator::instance().reserved_bytes();
   for (int i = 0; i < 10; ++i) {
-    Buffer<double, cuda> c(12345);
-    Buffer<float, cuda> d(1 << 20);
+    Buffer<double, distilx::cuda> c(12345);
+    Buffer<float, distilx::cuda> d(1 << 20);
   }
-  Buffer<double, cuda> c(12345);
-  Buffer<float, cuda> d(1 << 20);
+  Buffer<double, distilx::cuda> c(12345);
+  Buffer<float, distilx::cuda> d(1 << 20);
   // Ten allocate/free rounds, then one more, cost no more device memory than one round.
   BOOST_CHECK_LE(cuda_backend::CachingAllocator::instance().reserved_bytes(),
                  reserved + 12345 * sizeof(double) + 512 + (std::size_t(4) << 20) + (std::size_t(2) << 20));
-  Buffer<float, cuda> copy_of_b(b);
+  Buffer<float, distilx::cuda> copy_of_b(b);
   BOOST_CHECK_NE(static_cast<void*>(copy_of_b.data()), static_cast<void*>(b.data()));
   BOOST_CHECK_EQUAL(copy_of_b.size(), b.size());
 }

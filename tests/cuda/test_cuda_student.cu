@@ -17,7 +17,7 @@ namespace {
 template <class S>
 std::vector<float> to_host(const float* p, index_t n) {
   std::vector<float> h(static_cast<std::size_t>(n));
-  if constexpr (std::is_same_v<typename S::backend_type, cuda>)
+  if constexpr (std::is_same_v<typename S::backend_type, distilx::cuda>)
     DISTILX_CUDA_CHECK(cudaMemcpy(h.data(), p, sizeof(float) * n, cudaMemcpyDeviceToHost));
   else
     std::copy(p, p + n, h.begin());
@@ -26,7 +26,7 @@ std::vector<float> to_host(const float* p, index_t n) {
 
 void compare_student(StudentConfig c, index_t B, index_t S) {
   Student<float> cpu_s(c);
-  Student<float, cuda> gpu_s(c);
+  Student<float, distilx::cuda> gpu_s(c);
   cpu_s.init(5);
   // Move off the init (R = 0 etc.) so every path carries signal; the same values on both.
   std::vector<float> p = cpu_s.params_to_host();
@@ -41,10 +41,10 @@ void compare_student(StudentConfig c, index_t B, index_t S) {
   cpu_s.forward(tok.data(), B, S);
   gpu_s.forward(tok.data(), B, S);
   const index_t M = B * S, d = c.embedding_dim;
-  double worst = relative_error(to_host<Student<float, cuda>>(gpu_s.hidden(), M * d).data(), cpu_s.hidden(), M * d);
+  double worst = relative_error(to_host<Student<float, distilx::cuda>>(gpu_s.hidden(), M * d).data(), cpu_s.hidden(), M * d);
   BOOST_CHECK_LE(worst, 1e-4);
   for (index_t i = 0; i < c.num_blocks; ++i) {
-    const double e = relative_error(to_host<Student<float, cuda>>(gpu_s.block_output(i), M * d).data(),
+    const double e = relative_error(to_host<Student<float, distilx::cuda>>(gpu_s.block_output(i), M * d).data(),
                                     cpu_s.block_output(i), M * d);
     BOOST_TEST_INFO("block " << i);
     BOOST_CHECK_LE(e, 1e-4);
@@ -55,9 +55,9 @@ void compare_student(StudentConfig c, index_t B, index_t S) {
   testing::fill_normal(dh.data(), M * d, rng, 1e-2);
   std::vector<std::vector<float>> db(static_cast<std::size_t>(c.num_blocks), std::vector<float>(dh.size()));
   for (auto& v : db) testing::fill_normal(v.data(), M * d, rng, 1e-3);
-  Buffer<float, cuda> d_dh(M * d);
+  Buffer<float, distilx::cuda> d_dh(M * d);
   d_dh.copy_from_host(dh.data(), M * d);
-  std::vector<Buffer<float, cuda>> d_db;
+  std::vector<Buffer<float, distilx::cuda>> d_db;
   std::vector<const float*> cpu_ptr, gpu_ptr;
   for (auto& v : db) {
     d_db.emplace_back(M * d);
@@ -98,7 +98,7 @@ BOOST_AUTO_TEST_CASE(generation_matches_cpu) {
   c.mlstm_num_heads = c.slstm_num_heads = 4;
   c.mlstm_qkv_proj_blocksize = 16;
   Student<float> cpu_s(c);
-  Student<float, cuda> gpu_s(c);
+  Student<float, distilx::cuda> gpu_s(c);
   cpu_s.init(3);
   gpu_s.set_params(cpu_s.params_to_host().data());
   gpu_s.set_embedding(cpu_s.embedding_to_host().data());
@@ -107,7 +107,7 @@ BOOST_AUTO_TEST_CASE(generation_matches_cpu) {
   auto cs = cpu_s.make_state(B);
   auto gs = gpu_s.make_state(B);
   std::vector<float> lc(static_cast<std::size_t>(B * V));
-  Buffer<float, cuda> lg(B * V);
+  Buffer<float, distilx::cuda> lg(B * V);
   double worst = 0;
   for (int t = 0; t < 12; ++t) {
     std::vector<std::int32_t> tok{t % 7, (3 * t + 1) % 11, (5 * t + 2) % 13};

@@ -11,6 +11,7 @@
 #include <fstream>
 
 #include "distilx/data/shards.hpp"
+#include "distilx/distill/callbacks.hpp"
 #include "distilx/distill/distiller.hpp"
 #include "distilx/distill/setup.hpp"
 #include "distilx/teacher/llama.hpp"
@@ -261,6 +262,37 @@ BOOST_AUTO_TEST_CASE(numerics_guard_skips_and_stops) {
     const std::string m = e.what();
     return m.find("3 consecutive steps") != std::string::npos && m.find("kl") != std::string::npos;
   });
+}
+
+BOOST_AUTO_TEST_CASE(early_stopping_and_metrics_callbacks) {
+  Fixture fx;
+  auto l = fx.loader();
+  Stu s = fx.student();
+  DistillerConfig cfg = Fixture::config(40);
+  cfg.eval_every = 2;
+  cfg.eval_batches = 1;
+  cfg.adamw.lr = 0.0;  // no learning: the held-out perplexity cannot improve after the first evaluation
+  cfg.lr.base_lr = 0.0;
+  cfg.lr.kind = LrScheduleKind::constant;
+  Distiller<Stu, Teacher> d(s, fx.teacher, l, cfg);
+  auto es = std::make_shared<EarlyStopping>(3);
+  const std::string mdir = (fx.dir / "m").string();
+  fs::create_directories(mdir);
+  d.add_callback(es);
+  d.add_callback(std::make_shared<MetricsWriter>(mdir, false));
+  d.train();
+  BOOST_CHECK_EQUAL(d.step_count(), 8);  // evaluations at 2 (best), 4, 6, 8 -> three without improvement
+  std::ifstream csv(mdir + "/metrics.csv");
+  std::string line;
+  int steps = 0, evals = 0;
+  while (std::getline(csv, line)) steps += line.rfind("step,", 0) == 0, evals += line.rfind("eval,", 0) == 0;
+  BOOST_CHECK_EQUAL(steps, 8);
+  BOOST_CHECK_EQUAL(evals, 4);
+  truncate_metrics(mdir, 5);
+  std::ifstream csv2(mdir + "/metrics.csv");
+  steps = 0;
+  while (std::getline(csv2, line)) steps += line.rfind("step,", 0) == 0;
+  BOOST_CHECK_EQUAL(steps, 5);
 }
 
 BOOST_AUTO_TEST_CASE(student_from_teacher_rules) {

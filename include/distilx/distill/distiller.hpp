@@ -261,9 +261,9 @@ class Distiller {
     bool stop = false;
     while (step_ < cfg_.max_steps && !stop) {
       step();
-      for (auto& cb : callbacks_) stop = stop || cb->stop_requested();
       if (cfg_.eval_every > 0 && step_ % cfg_.eval_every == 0 && loader_.val_batches() > 0) evaluate(cfg_.eval_batches);
       if (!cfg_.run_dir.empty() && cfg_.checkpoint_every > 0 && step_ % cfg_.checkpoint_every == 0) checkpoint();
+      for (auto& cb : callbacks_) stop = stop || cb->stop_requested();  // after this step's evaluation
     }
     if (!cfg_.run_dir.empty() && step_ != last_checkpoint_step_) checkpoint();
     for (auto& cb : callbacks_) cb->on_train_end(step_);
