@@ -31,7 +31,7 @@ int main() {
   DISTILX_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s\n", prop.name);
   const StudentConfig c = StudentConfig::paper();
-  Student<float, cuda> s(c);
+  Student<float, distilx::cuda> s(c);
   {
     Student<float> host_init(StudentConfig::paper(64, 1536));  // same block shapes, tiny vocab
     host_init.init(1);
@@ -40,11 +40,11 @@ int main() {
   // GEMM baseline in the same run: M 8192, K 1536, N 6144 (the mLSTM up-projection).
   {
     const index_t M = 8192, K = 1536, N = 6144;
-    Buffer<float, cuda> A(M * K), W(N * K), C(M * N);
+    Buffer<float, distilx::cuda> A(M * K), W(N * K), C(M * N);
     for (bool tf32 : {false, true}) {
       cuda_backend::set_tf32(tf32);
       const double ms = time_ms([&] {
-        ops::gemm(cuda{}, ops::Trans::no, ops::Trans::yes, M, N, K, 1.0f, A.data(), K, W.data(), K, 0.0f, C.data(), N);
+        ops::gemm(distilx::cuda{}, ops::Trans::no, ops::Trans::yes, M, N, K, 1.0f, A.data(), K, W.data(), K, 0.0f, C.data(), N);
       }, 10);
       std::printf("baseline GEMM %lldx%lldx%lld fp32 %s: %.2f ms, %.1f TFLOP/s\n", (long long)M, (long long)N,
                   (long long)K, tf32 ? "TF32" : "exact", ms, 2.0 * M * N * K / ms / 1e9);
@@ -54,7 +54,7 @@ int main() {
     std::vector<std::int32_t> tok(static_cast<std::size_t>(B * T));
     Rng rng(3);
     for (auto& t : tok) t = static_cast<std::int32_t>(rng.below(static_cast<std::uint64_t>(c.vocab_size)));
-    Buffer<float, cuda> dh(B * T * c.embedding_dim);
+    Buffer<float, distilx::cuda> dh(B * T * c.embedding_dim);
     for (bool tf32 : {false, true}) {
       cuda_backend::set_tf32(tf32);
       const double fwd = time_ms([&] { s.forward(tok.data(), B, T); }, 3);
