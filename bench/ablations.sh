@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The paper's ablations at demo scale, each with the same token budget and seed:
 #   Δ-schedule vs fixed α and T; with vs without the alignment (Frobenius) term;
-#   2 vs 4 vs 6 student blocks; and a CE-only student for reference.
+#   2 vs 4 vs 6 student blocks (without alignment: the demo teacher has 4 layers, and the
+#   ratio grouping needs at least as many teacher layers as student blocks); and a CE-only
+#   student for reference. Runs whose results already exist in OUT are kept (resumable).
 # Writes OUT/ablations.md (Markdown table) and overlay plots (OUT/*.png).
 # Usage: bench/ablations.sh [DISTILX_BINARY] [OUT_DIR] [STEPS]
 set -euo pipefail
@@ -10,7 +12,7 @@ BIN=${1:-$SRC/build/examples/distilx}
 OUT=${2:-ablations}
 STEPS=${3:-250}
 DEMO=$SRC/examples/demo
-rm -rf "$OUT"; mkdir -p "$OUT"
+mkdir -p "$OUT"
 COMMON=(--teacher "$DEMO/teacher" --data "$DEMO/data/train.txt" --val-data "$DEMO/data/heldout.txt"
         --steps "$STEPS" --batch 8 --seq 128 --grad-accum 1 --lr 3e-3 --warmup 0.05 --min-lr-ratio 0.1
         --weight-decay 0.01 --heads 4 --qkv-blocksize 16 --ffn-factor 1.3 --checkpoint-every 0 --keep 1
@@ -20,17 +22,23 @@ declare -A ARGS=(
   [fixed_4blocks]="--blocks 4 --schedule fixed"
   [no_alignment_4blocks]="--blocks 4 --alignment none"
   [delta_2blocks]="--blocks 2"
-  [delta_6blocks]="--blocks 6"
+  [no_alignment_2blocks]="--blocks 2 --alignment none"
+  [no_alignment_6blocks]="--blocks 6 --alignment none"
   [ce_only_4blocks]="--blocks 4 --schedule fixed --kl-weight 0 --alignment none"
 )
-ORDER=(delta_4blocks fixed_4blocks no_alignment_4blocks delta_2blocks delta_6blocks ce_only_4blocks)
+ORDER=(delta_4blocks fixed_4blocks no_alignment_4blocks delta_2blocks no_alignment_2blocks no_alignment_6blocks ce_only_4blocks)
 for name in "${ORDER[@]}"; do
+  if grep -q '"kind":"eval"' "$OUT/$name/metrics.jsonl" 2>/dev/null && [ -f "$OUT/$name.seconds" ]; then
+    echo "== $name: kept" >&2
+    continue
+  fi
+  rm -rf "${OUT:?}/$name"
   echo "== $name: ${ARGS[$name]}" >&2
   start=$(date +%s.%N)
   # shellcheck disable=SC2086
   "$BIN" distill "${COMMON[@]}" ${ARGS[$name]} --out "$OUT/$name" > "$OUT/$name.log" 2> "$OUT/$name.err"
   end=$(date +%s.%N)
-  echo "$end - $start" | bc > "$OUT/$name.seconds"
+  python3 -c "print($end - $start)" > "$OUT/$name.seconds"
 done
 {
   echo "| run | options | held-out ppl | KL(teacher‖student) | top-1 | wall time |"
