@@ -52,7 +52,7 @@ e = json.loads(line)
 print(f"| {name} | `{opts}` | {e['student_ppl']:.2f} | {e['kl_tau1']:.4f} | {e['top1']:.3f} | {float(secs):.0f} s |")
 PY
   done
-  t=$(grep '"kind":"eval"' "$OUT/delta_4blocks/metrics.jsonl" | tail -1 | python3 -c 'import json,sys; print(f"{json.loads(sys.stdin.read())[\"teacher_ppl\"]:.2f}")')
+  t=$(grep '"kind":"eval"' "$OUT/delta_4blocks/metrics.jsonl" | tail -1 | python3 -c 'import json,sys; print("%.2f" % json.loads(sys.stdin.read())["teacher_ppl"])')
   echo
   echo "Teacher (Qwen2, 2.0M parameters) held-out perplexity: $t. $STEPS optimizer steps of 8 × 128 tokens per run, seed 7."
 } > "$OUT/ablations.md"
