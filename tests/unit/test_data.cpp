@@ -3,6 +3,8 @@
 // and UTF-8 errors) and loader.hpp (window coverage, splits, shuffling, ranks, resume).
 #include <boost/test/unit_test.hpp>
 
+#include "test_util.hpp"
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -25,32 +27,12 @@ using Ids = std::vector<std::int32_t>;
 
 namespace {
 
-/// A fresh directory under /tmp, removed with everything in it when the test ends.
-struct TempDir {
-  fs::path dir;
-  TempDir() {
-    static int counter = 0;
-    dir = fs::path("/tmp") / ("distilx_data_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
-  }
-  std::string file(const std::string& name) const { return (dir / name).string(); }
-  std::size_t entries() const { return static_cast<std::size_t>(std::distance(fs::directory_iterator(dir), {})); }
+/// TempDir with this suite's prefix (the helpers live in test_util.hpp).
+struct TempDir : test_util::TempDir {
+  TempDir() : test_util::TempDir("distilx_data") {}
 };
-
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
-
-void spit(const std::string& path, const std::string& bytes) {
-  std::ofstream f(path, std::ios::binary);
-  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
+using test_util::slurp;
+using test_util::spit;
 
 /// Runs f, expecting an exception of type E whose message contains every fragment.
 template <class E, class F>
