@@ -34,18 +34,7 @@ struct TempDir : test_util::TempDir {
 using test_util::slurp;
 using test_util::spit;
 
-/// Runs f, expecting an exception of type E whose message contains every fragment.
-template <class E, class F>
-void check_throws(F&& f, std::initializer_list<std::string> fragments) {
-  try {
-    f();
-    BOOST_ERROR("no exception thrown");
-  } catch (const E& e) {
-    const std::string msg = e.what();
-    for (const auto& frag : fragments)
-      BOOST_CHECK_MESSAGE(msg.find(frag) != std::string::npos, "message '" << msg << "' lacks '" << frag << "'");
-  }
-}
+using distilx::test_util::check_throws;
 
 /// Every byte is its own token; EOS is 256.
 Ids byte_tokens(std::string_view s) {

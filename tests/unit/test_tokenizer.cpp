@@ -5,6 +5,8 @@
 // are extracted by a ctest fixture into $DISTILX_TOKENIZER_DIR/{qwen3,llama3}/tokenizer.json.
 #include <boost/test/unit_test.hpp>
 
+#include "test_util.hpp"
+
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -155,18 +157,7 @@ std::string write_temp(const std::string& name, const std::string& text) {
   return path;
 }
 
-/// Runs f, expecting an exception of type E whose message contains every fragment.
-template <class E, class F>
-void check_throws(F&& f, std::initializer_list<std::string> fragments) {
-  try {
-    f();
-    BOOST_ERROR("no exception thrown");
-  } catch (const E& e) {
-    const std::string msg = e.what();
-    for (const auto& frag : fragments)
-      BOOST_CHECK_MESSAGE(msg.find(frag) != std::string::npos, "message '" << msg << "' lacks '" << frag << "'");
-  }
-}
+using distilx::test_util::check_throws;
 
 }  // namespace
 

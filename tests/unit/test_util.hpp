@@ -1,10 +1,13 @@
-// Helpers shared by the unit tests that touch files: a self-removing temporary
-// directory and whole-file read/write.
+// Helpers shared by the unit tests: a self-removing temporary directory, whole-file
+// read/write, and an exception check that matches message fragments.
 #pragma once
 
 #include <unistd.h>
 
+#include <boost/test/unit_test.hpp>
+
 #include <filesystem>
+#include <initializer_list>
 #include <fstream>
 #include <iterator>
 #include <string>
@@ -41,6 +44,19 @@ inline std::string slurp(const std::string& path) {
 inline void spit(const std::string& path, const std::string& bytes) {
   std::ofstream f(path, std::ios::binary);
   f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+/// Runs f, expecting an exception of type E whose message contains every fragment.
+template <class E, class F>
+void check_throws(F&& f, std::initializer_list<std::string> fragments) {
+  try {
+    f();
+    BOOST_ERROR("no exception thrown");
+  } catch (const E& e) {
+    const std::string msg = e.what();
+    for (const auto& frag : fragments)
+      BOOST_CHECK_MESSAGE(msg.find(frag) != std::string::npos, "message '" << msg << "' lacks '" << frag << "'");
+  }
 }
 
 }  // namespace distilx::test_util
