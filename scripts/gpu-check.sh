@@ -9,26 +9,27 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
+STAGE=${STAGE_DIR:-.gpu}   # where stage puts (and run finds) the binaries
 if [ "$mode" = stage ]; then
   set -e
   BUILD=${BUILD_DIR:-build}
   cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DDISTILX_ENABLE_CUDA=ON > /dev/null
   cmake --build "$BUILD" -j "$(nproc)" --target distilx_cuda_tests cuda_student_bench
-  rm -rf .gpu && mkdir -p .gpu/lib
-  cp "$BUILD/tests/distilx_cuda_tests" "$BUILD/bench/cuda_student_bench" .gpu/
-  for lib in $(ldd .gpu/distilx_cuda_tests .gpu/cuda_student_bench | awk '/=>/ {print $3}' | sort -u); do
-    case "$lib" in */libboost*|*/libpcre2*|*/libgomp*) cp -L "$lib" .gpu/lib/ ;; esac
+  rm -rf "$STAGE" && mkdir -p "$STAGE/lib"
+  cp "$BUILD/tests/distilx_cuda_tests" "$BUILD/bench/cuda_student_bench" "$STAGE/"
+  for lib in $(ldd "$STAGE"/distilx_cuda_tests "$STAGE"/cuda_student_bench | awk '/=>/ {print $3}' | sort -u); do
+    case "$lib" in */libboost*|*/libpcre2*|*/libgomp*) cp -L "$lib" "$STAGE/lib/" ;; esac
   done
-  grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
-  du -sh .gpu
+  grep -qx '/.gpu*/' .git/info/exclude || echo '/.gpu*/' >> .git/info/exclude
+  du -sh "$STAGE"
   exit 0
 fi
-export LD_LIBRARY_PATH=$PWD/.gpu/lib:${LD_LIBRARY_PATH:-}
+export LD_LIBRARY_PATH=$PWD/$STAGE/lib:${LD_LIBRARY_PATH:-}
 export NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-T=.gpu/distilx_cuda_tests
+T=$STAGE/distilx_cuda_tests
 declare -A RESULT
 for suite in cuda_ops cuda_slstm cuda_mlstm cuda_student; do
   if $T --run_test=$suite --report_level=short --log_level=message > "$OUT/$suite.log" 2>&1; then RESULT[$suite]=pass
@@ -43,7 +44,7 @@ san() {  # san TOOL SUITE [FILTER]
 }
 for s in cuda_ops cuda_slstm cuda_mlstm; do RESULT[memcheck_$s]=$(san memcheck $s | tail -1); done
 for s in cuda_slstm cuda_mlstm; do RESULT[racecheck_$s]=$(san racecheck $s | tail -1); done
-.gpu/cuda_student_bench | tee "$OUT/bench.txt"
+"$STAGE"/cuda_student_bench | tee "$OUT/bench.txt"
 echo
 echo "| check | result |"
 echo "|---|---|"

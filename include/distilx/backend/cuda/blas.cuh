@@ -1,7 +1,8 @@
 // Matrix products for the CUDA backend through cuBLAS: one handle per host thread,
 // bound to cuda_backend::current_stream() at every call, and the row-major
 // ops::gemm / ops::gemm_strided_batched overloads for the cuda tag (float, double).
-// TF32 is off unless set_tf32(true), so float results track the CPU to ~1e-6.
+// Math mode (MathMode): fp32 by default, so float results track the CPU to ~1e-6; tf32, bf16
+// and fp16 trade precision for tensor-core speed (docs/cuda.md, "Precision").
 #pragma once
 
 #include <cublas_v2.h>
@@ -19,10 +20,25 @@
 
 namespace distilx::cuda_backend {
 
+/// How float products run. fp32: exact FP32 (default). tf32: TF32 tensor cores. bf16 / fp16:
+/// operands rounded to 16 bits, products accumulated and written in fp32 (mixed precision).
+/// Kernels with tensor-core paths (e.g. the teacher's attention) follow the same mode.
+enum class MathMode { fp32, tf32, bf16, fp16 };
+
+inline const char* to_string(MathMode m) {
+  switch (m) {
+    case MathMode::fp32: return "fp32";
+    case MathMode::tf32: return "tf32";
+    case MathMode::bf16: return "bf16";
+    case MathMode::fp16: return "fp16";
+  }
+  return "?";
+}
+
 namespace detail {
-inline std::atomic<bool>& tf32_flag() {
-  static std::atomic<bool> on{false};
-  return on;
+inline std::atomic<MathMode>& math_mode_flag() {
+  static std::atomic<MathMode> m{MathMode::fp32};
+  return m;
 }
 
 /// A host thread's cuBLAS handle with the stream and math mode last applied to it, so the
@@ -75,10 +91,13 @@ __global__ void scale_matrix_kernel(T* C, index_t rows, index_t cols, index_t ld
 }
 }  // namespace detail
 
-/// Allows TF32 tensor cores for float products (off by default: ~1e-3 relative error instead
-/// of ~1e-6). Process-wide; takes effect at the next gemm of every thread.
-inline void set_tf32(bool on) { detail::tf32_flag().store(on); }
-inline bool tf32_enabled() { return detail::tf32_flag().load(); }
+/// Process-wide math mode for float products; takes effect at the next gemm of every thread.
+inline void set_math_mode(MathMode m) { detail::math_mode_flag().store(m); }
+inline MathMode math_mode() { return detail::math_mode_flag().load(); }
+
+/// Shorthand: TF32 tensor cores on (~1e-3 relative error instead of ~1e-6) or back to fp32.
+inline void set_tf32(bool on) { set_math_mode(on ? MathMode::tf32 : MathMode::fp32); }
+inline bool tf32_enabled() { return math_mode() == MathMode::tf32; }
 
 /// This thread's cuBLAS handle, bound to current_stream(). float calls also get the TF32 mode.
 inline cublasHandle_t cublas_handle(bool float_math = false) {
