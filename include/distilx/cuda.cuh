@@ -15,6 +15,8 @@
 //    template's definition, not at its instantiation (no ADL), so a cuda overload declared later
 //    would never be found. Further CUDA op headers (e.g. loss ops) belong here too.
 #include "distilx/backend/cuda/ops.cuh"
+#include "distilx/backend/cuda/loss_ops.cuh"     // vocabulary loss rows, alignment rows
+#include "distilx/backend/cuda/teacher_ops.cuh"  // RoPE, fused causal attention
 
 // CUDA cell specialisations (MLSTMCell<T, cuda> / SLSTMCell<T, cuda>) come after the ops, since
 // they include the CPU cell headers, and before any block or student is instantiated.

@@ -1,0 +1,2 @@
+// Placeholder: being written (CUDA overloads of the loss_ops).
+#pragma once
