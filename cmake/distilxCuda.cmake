@@ -17,6 +17,11 @@ if(NOT DISTILX_ENABLE_CUDA STREQUAL "OFF")
     target_link_libraries(distilx_cuda INTERFACE distilx CUDA::cudart CUDA::cublas CUDA::cublasLt)
     target_compile_features(distilx_cuda INTERFACE cuda_std_17)
     target_compile_definitions(distilx_cuda INTERFACE DISTILX_HAS_CUDA=1)
+    # OpenMP::OpenMP_CXX adds -fopenmp for CXX sources only: hand it to nvcc's host compiler
+    # too, so that the CPU ops of a .cu program (CPU reference paths, --device cpu) stay parallel.
+    if(OpenMP_CXX_FLAGS)
+      target_compile_options(distilx_cuda INTERFACE $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=${OpenMP_CXX_FLAGS}>)
+    endif()
     install(TARGETS distilx_cuda EXPORT distilxTargets)
     set(DISTILX_HAS_CUDA ON)
     message(STATUS "distilx: CUDA backend target enabled (architectures ${CMAKE_CUDA_ARCHITECTURES})")

@@ -8,6 +8,7 @@
 #include "distilx/backend/cuda/check.cuh"
 #include "distilx/backend/cuda/memory.cuh"
 #include "distilx/backend/cuda/blas.cuh"
+#include "distilx/backend/cuda/hooks.cuh"
 
 // 2. CUDA overloads of the ops. ORDER MATTERS: these must come before any header that calls
 //    ops (cells, blocks, models, loss, optim, distill, teacher). Those call `ops::name(Backend{}, ...)`

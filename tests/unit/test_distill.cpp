@@ -264,6 +264,68 @@ BOOST_AUTO_TEST_CASE(numerics_guard_skips_and_stops) {
   });
 }
 
+// Loss scaling multiplies the loss gradient by a power of two and divides the parameter
+// gradient by it again: both are exact in binary floating point, so the trajectory must be
+// bit-identical to the unscaled one.
+BOOST_AUTO_TEST_CASE(loss_scaling_is_exact_and_backs_off_on_overflow) {
+  Fixture fx;
+  auto la = fx.loader();
+  Stu sa = fx.student();
+  Distiller<Stu, Teacher> da(sa, fx.teacher, la, Fixture::config(6));
+  const auto plain = run_steps(da, 6);
+
+  DistillerConfig cfg = Fixture::config(6);
+  cfg.loss_scale.enabled = true;
+  cfg.loss_scale.init = 1024.0;
+  cfg.loss_scale.growth_interval = 2;
+  auto lb = fx.loader();
+  Stu sb = fx.student();
+  Distiller<Stu, Teacher> db(sb, fx.teacher, lb, cfg);
+  std::vector<double> scales;
+  for (int i = 0; i < 6; ++i) {
+    const StepReport r = db.step();
+    BOOST_CHECK(!r.skipped);
+    BOOST_CHECK_EQUAL(r.loss.total, plain[static_cast<std::size_t>(i)]);
+    scales.push_back(r.loss_scale);
+  }
+  BOOST_CHECK_EQUAL_COLLECTIONS(sb.params(), sb.params() + sb.flat_size(), sa.params(), sa.params() + sa.flat_size());
+  // Growth every 2 clean steps: 1024, 1024, 2048, 2048, 4096, 4096.
+  const std::vector<double> want{1024, 1024, 2048, 2048, 4096, 4096};
+  BOOST_CHECK_EQUAL_COLLECTIONS(scales.begin(), scales.end(), want.begin(), want.end());
+
+  // A scale that overflows float: steps are skipped (not counted as bad) and the scale halves
+  // until the gradient is finite again; then training goes on.
+  DistillerConfig big = Fixture::config(200);
+  big.loss_scale.enabled = true;
+  big.loss_scale.init = std::ldexp(1.0, 140);  // beyond float's range: the first steps must overflow
+  big.max_bad_steps = 2;
+  auto lc = fx.loader();
+  Stu sc = fx.student();
+  Distiller<Stu, Teacher> dc(sc, fx.teacher, lc, big);
+  const StepReport first = dc.step();
+  BOOST_CHECK(first.skipped);
+  BOOST_CHECK_EQUAL(first.bad_term, "gradient");
+  BOOST_CHECK_EQUAL(dc.loss_scale(), std::ldexp(1.0, 139));
+  int skipped = 1;
+  StepReport r;
+  do {  // no exception although far more than max_bad_steps steps are skipped
+    r = dc.step();
+    skipped += r.skipped ? 1 : 0;
+  } while (r.skipped && dc.step_count() < 200);
+  BOOST_CHECK(!r.skipped);
+  BOOST_CHECK_GT(skipped, 2);
+  BOOST_CHECK(std::isfinite(r.grad_norm));
+  BOOST_TEST_MESSAGE("loss scaling: " << skipped << " overflowing steps skipped, first clean step at scale 2^"
+                                      << std::log2(r.loss_scale));
+  // The configuration is validated.
+  DistillerConfig badcfg = Fixture::config(2);
+  badcfg.loss_scale.enabled = true;
+  badcfg.loss_scale.backoff = 1.5;
+  auto ld = fx.loader();
+  Stu sd = fx.student();
+  BOOST_CHECK_THROW((Distiller<Stu, Teacher>(sd, fx.teacher, ld, badcfg)), config_error);
+}
+
 BOOST_AUTO_TEST_CASE(early_stopping_and_metrics_callbacks) {
   Fixture fx;
   auto l = fx.loader();

@@ -82,3 +82,14 @@ void download(const Buffer<T, cpu>& b, index_t offset, T* host, index_t n) {
 }
 
 }  // namespace distilx
+
+namespace distilx::ops {
+/// Called by trainers after every optimizer update of the parameters, so that a backend can
+/// drop anything derived from the old values (the CUDA backend's 16-bit operand copies).
+inline void parameters_updated(cpu) {}
+/// Tells a backend that [p, p + n) holds weights that are read by many products: `frozen`
+/// ones never change, the others change only at parameters_updated(). The CUDA backend keeps
+/// 16-bit copies of them in its mixed-precision math modes; the CPU needs nothing.
+template <class T>
+void cache_operands(cpu, const T* /*p*/, index_t /*n*/, bool /*frozen*/) {}
+}  // namespace distilx::ops

@@ -12,11 +12,14 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "distilx/data/loader.hpp"
+#include "distilx/distill/data_parallel.hpp"
 #include "distilx/io/checkpoint.hpp"
 #include "distilx/loss/distillation_loss.hpp"
 #include "distilx/models/student.hpp"
@@ -26,6 +29,27 @@
 #include "distilx/teacher/teacher.hpp"
 
 namespace distilx {
+
+/// Dynamic loss scaling (for fp16 GEMM operands, whose small gradients would underflow): the
+/// loss gradient is multiplied by `scale` before the backward pass and the parameter gradient
+/// divided by it after; a step whose gradient overflows is skipped and the scale multiplied
+/// by backoff; after growth_interval clean steps in a row it is multiplied by growth.
+struct LossScaleConfig {
+  bool enabled = false;
+  double init = 65536.0;
+  double growth = 2.0;
+  double backoff = 0.5;
+  index_t growth_interval = 2000;
+  double min_scale = 1.0;  // an overflow at this scale counts as a bad step
+
+  void validate() const {
+    DISTILX_REQUIRE(config_error, init > 0 && growth >= 1 && backoff > 0 && backoff < 1 && growth_interval >= 1 &&
+                                      min_scale > 0,
+                    "loss scaling needs init > 0, growth >= 1, 0 < backoff < 1, growth_interval >= 1, min_scale > 0 "
+                    "(got init ", init, ", growth ", growth, ", backoff ", backoff, ", growth_interval ",
+                    growth_interval, ", min_scale ", min_scale, ")");
+  }
+};
 
 struct DistillerConfig {
   index_t grad_accum = 1;        // micro-batches per optimizer step
@@ -42,6 +66,7 @@ struct DistillerConfig {
   std::string run_dir;           // empty: no checkpoints
   index_t max_bad_steps = 5;     // consecutive non-finite steps before training stops
   nlohmann::json extra;          // anything the caller wants recorded (e.g. data sources)
+  LossScaleConfig loss_scale;    // off by default (fp32, bf16 and tf32 need none)
 };
 
 /// JSON of everything that defines the run (stored in checkpoints; a resume with a
@@ -66,6 +91,14 @@ inline nlohmann::json distiller_config_json(const DistillerConfig& c) {
                     {"additive_alignment_weight", c.loss.additive_alignment_weight}}},
           {"extra", c.extra}};
 }
+inline nlohmann::json distiller_config_json_full(const DistillerConfig& c) {
+  nlohmann::json j = distiller_config_json(c);
+  if (c.loss_scale.enabled)  // recorded only when on, so checkpoints of earlier runs still match
+    j["loss_scale"] = {{"init", c.loss_scale.init}, {"growth", c.loss_scale.growth},
+                       {"backoff", c.loss_scale.backoff}, {"growth_interval", c.loss_scale.growth_interval},
+                       {"min_scale", c.loss_scale.min_scale}};
+  return j;
+}
 
 struct StepReport {
   index_t step = 0;              // optimizer steps completed (1-based after the first)
@@ -76,6 +109,7 @@ struct StepReport {
   index_t tokens = 0;            // tokens seen so far
   bool skipped = false;          // non-finite loss or gradient: no update
   std::string bad_term;          // which term went bad when skipped
+  double loss_scale = 1.0;       // dynamic loss scale used for this step (1 when off)
 };
 
 struct EvalReport {
@@ -100,6 +134,19 @@ class DistillerCallback {
   virtual bool stop_requested() { return false; }
 };
 
+namespace detail {
+struct ParameterProbe {
+  template <class X>
+  void operator()(const std::string&, const X&) const {}
+};
+template <class, class = void>
+struct has_parameter_visitor : std::false_type {};
+template <class Tc>
+struct has_parameter_visitor<
+    Tc, std::void_t<decltype(std::declval<const Tc&>().for_each_parameter(std::declval<ParameterProbe&>()))>>
+    : std::true_type {};
+}  // namespace detail
+
 template <class StudentT, class TeacherT, class LossT = DeltaDistillationLoss<typename StudentT::value_type,
                                                                               typename StudentT::backend_type>,
           class OptimizerT = AdamW<typename StudentT::value_type, typename StudentT::backend_type>>
@@ -123,6 +170,10 @@ class Distiller {
     DISTILX_REQUIRE(config_error, sc.vocab_size == teacher_.vocab_size(), "student vocabulary ", sc.vocab_size,
                     " differs from the teacher's ", teacher_.vocab_size());
     DISTILX_REQUIRE(config_error, cfg_.grad_accum >= 1, "grad_accum must be >= 1, got ", cfg_.grad_accum);
+    if (cfg_.loss_scale.enabled) {
+      cfg_.loss_scale.validate();
+      loss_scale_ = cfg_.loss_scale.init;
+    }
     loss_.check_shapes(sc.num_blocks, teacher_.num_layers(), sc.embedding_dim, teacher_.hidden_size());
     const auto& lo = loader_.options();
     B_ = lo.batch_size;
@@ -132,11 +183,43 @@ class Distiller {
     inputs_.resize(static_cast<std::size_t>(M));
     targets_.resize(static_cast<std::size_t>(M));
     dh_.resize(M * sc.embedding_dim);
+    // Weights read by many products: the CUDA backend keeps 16-bit copies in bf16 / fp16 math.
+    ops::cache_operands(Backend{}, static_cast<const T*>(student_.params()), student_.flat_size(), false);
+    ops::cache_operands(Backend{}, static_cast<const T*>(student_.embedding()), sc.vocab_size * sc.embedding_dim, true);
+    if (!sc.tie_weights)
+      ops::cache_operands(Backend{}, static_cast<const T*>(student_.head()), sc.vocab_size * sc.embedding_dim, true);
+    if constexpr (detail::has_parameter_visitor<TeacherT>::value)
+      teacher_.for_each_parameter([](const std::string&, const auto& t) {
+        ops::cache_operands(Backend{}, static_cast<const T*>(t.data()), t.size(), true);
+      });
     dH_.resize(static_cast<std::size_t>(sc.num_blocks));
     for (auto& b : dH_) b.resize(M * sc.embedding_dim);
   }
 
   void add_callback(std::shared_ptr<DistillerCallback> cb) { callbacks_.push_back(std::move(cb)); }
+
+  /// Trains data-parallel under `dp` (one process per GPU; see distilx/parallel/): the loader
+  /// must have been built with dp's rank and world size. Gradients are averaged over ranks,
+  /// metrics and evaluations summed over ranks, and only the root rank runs the callbacks and
+  /// writes checkpoints. Checks at once that every rank runs the same configuration.
+  void set_data_parallel(std::shared_ptr<DataParallel<T>> dp) {
+    dp_ = std::move(dp);
+    if (!dp_) return;
+    const auto& lo = loader_.options();
+    DISTILX_REQUIRE(config_error, lo.world_size == dp_->world_size() && lo.rank == dp_->rank(),
+                    "data parallel: the loader was built for rank ", lo.rank, " of ", lo.world_size,
+                    " but this process is rank ", dp_->rank(), " of ", dp_->world_size(),
+                    " (set LoaderOptions::rank and world_size from the communicator)");
+    nlohmann::json j = run_config();
+    j["data"].erase("rank");
+    dp_->check_same_on_all_ranks("run configuration (student, distiller, data)", fingerprint_(j.dump()));
+    dp_->check_same_on_all_ranks("student initial parameters", fingerprint_params_());
+  }
+  DataParallel<T>* data_parallel() const { return dp_.get(); }
+  /// True on the rank that prints, writes metrics and checkpoints (always without data parallelism).
+  bool is_root() const { return !dp_ || dp_->is_root(); }
+  int world_size() const { return dp_ ? dp_->world_size() : 1; }
+  double loss_scale() const { return loss_scale_; }
 
   index_t step_count() const { return step_; }
   /// The latest evaluation (step -1 before any).
@@ -152,8 +235,9 @@ class Distiller {
   nlohmann::json run_config() const {
     nlohmann::json j;
     j["student"] = student_.config();
-    j["distiller"] = distiller_config_json(cfg_);
+    j["distiller"] = distiller_config_json_full(cfg_);
     j["data"] = {{"batch_size", B_}, {"seq_len", S_}, {"seed", loader_.options().seed}};
+    if (loader_.options().world_size > 1) j["data"]["world_size"] = loader_.options().world_size;
     return j;
   }
 
@@ -167,6 +251,8 @@ class Distiller {
     if (pos + cfg_.grad_accum > loader_.batches_per_epoch()) ++sched_epoch, pos = 0;
     const LossWeights w = loss_.weights(sched_epoch, pos / cfg_.grad_accum);
     student_.zero_grad();
+    if (dp_) dp_->begin_step(cfg_.grad_accum);
+    r.loss_scale = loss_scale_;
     DistillationMetrics acc;
     for (index_t a = 0; a < cfg_.grad_accum; ++a) {
       next_batch();
@@ -175,36 +261,60 @@ class Distiller {
     }
     const double inv = 1.0 / double(cfg_.grad_accum);
     finish_average(acc, inv);
+    if (dp_) average_over_ranks(acc);
     r.loss = acc;
     r.epoch = epoch_;
     const index_t n = student_.flat_size();
     T* g = student_.grads();
-    if (cfg_.grad_accum > 1) average_accumulated_grads(Backend{}, g, n, cfg_.grad_accum);
+    // Accumulation average and loss-scale removal in one pass over the gradient.
+    const double unscale = 1.0 / (double(cfg_.grad_accum) * loss_scale_);
+    if (unscale != 1.0) ops::scale(Backend{}, g, static_cast<T>(unscale), n);
+    if (dp_) dp_->reduce_gradients(g, n);
+    // Sum of squares over every rank's gradient: NaN/Inf anywhere makes it non-finite everywhere.
+    const double sq = dp_ ? dp_->grad_sum_squares(g, n) : ops::sum_squares(Backend{}, g, n);
     // Numerics guard: skip the update, name the term that went bad.
     if (!std::isfinite(acc.kl)) r.bad_term = "kl";
     else if (!std::isfinite(acc.ce)) r.bad_term = "ce";
     else if (!std::isfinite(acc.alignment)) r.bad_term = "alignment";
-    else if (!all_finite(Backend{}, g, n)) r.bad_term = "gradient";
+    else if (!std::isfinite(sq)) r.bad_term = "gradient";
     r.lr = lr_.lr();
     if (!r.bad_term.empty()) {
       r.skipped = true;
-      ++bad_streak_;
+      if (cfg_.loss_scale.enabled && r.bad_term == "gradient" && loss_scale_ > cfg_.loss_scale.min_scale) {
+        // An fp16 overflow: retry the next batch at a smaller scale; not a numerics failure.
+        loss_scale_ = std::max(cfg_.loss_scale.min_scale, loss_scale_ * cfg_.loss_scale.backoff);
+        good_scaled_steps_ = 0;
+      } else {
+        ++bad_streak_;
+      }
     } else {
       bad_streak_ = 0;
-      r.grad_norm = cfg_.clip_norm > 0 ? clip_grad_norm(Backend{}, g, n, cfg_.clip_norm) : grad_norm(Backend{}, g, n);
-      opt_.step(student_.params(), g, r.lr);
+      // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is < 1.
+      r.grad_norm = std::sqrt(sq);
+      if (cfg_.clip_norm > 0) {
+        const double coef = cfg_.clip_norm / (r.grad_norm + 1e-6);
+        if (coef < 1.0) ops::scale(Backend{}, g, static_cast<T>(coef), n);
+      }
+      if (dp_ && dp_->owns_update()) dp_->update(student_.params(), g, n, r.lr);
+      else opt_.step(student_.params(), g, r.lr);
+      ops::parameters_updated(Backend{});  // e.g. 16-bit operand copies of the weights are stale now
+      if (cfg_.loss_scale.enabled && ++good_scaled_steps_ >= cfg_.loss_scale.growth_interval) {
+        loss_scale_ *= cfg_.loss_scale.growth;
+        good_scaled_steps_ = 0;
+      }
     }
     lr_.step();
     ++step_;
-    tokens_ += B_ * S_ * cfg_.grad_accum;
+    tokens_ += B_ * S_ * cfg_.grad_accum * world_size();
     r.step = step_;
     r.tokens = tokens_;
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     elapsed_ += dt;
     r.elapsed_s = elapsed_;
-    r.tokens_per_s = double(B_ * S_ * cfg_.grad_accum) / dt;
-    for (auto& cb : callbacks_) cb->on_step(r);
-    if (bad_streak_ >= cfg_.max_bad_steps)
+    r.tokens_per_s = double(B_ * S_ * cfg_.grad_accum * world_size()) / dt;
+    if (is_root())
+      for (auto& cb : callbacks_) cb->on_step(r);
+    if (bad_streak_ >= cfg_.max_bad_steps)  // the same on every rank: the guard used reduced values
       throw error(detail::concat("training stopped: ", bad_streak_, " consecutive steps with a non-finite ", r.bad_term,
                                  " (last at step ", step_, "); lower the learning rate, enable clipping, or check "
                                  "the data for out-of-range tokens"));
@@ -243,6 +353,12 @@ class Distiller {
       targets += m.targets;
       positions += m.positions;
     }
+    if (dp_) {  // every rank evaluated its own slice of the validation split
+      double v[6] = {s_ce, t_ce, kl, top1, double(targets), double(positions)};
+      dp_->all_reduce_sum(v, 6);
+      s_ce = v[0], t_ce = v[1], kl = v[2], top1 = v[3];
+      targets = index_t(v[4]), positions = index_t(v[5]);
+    }
     e.student_ce = s_ce / double(targets);
     e.teacher_ce = t_ce / double(targets);
     e.student_ppl = std::exp(e.student_ce);
@@ -251,35 +367,51 @@ class Distiller {
     e.top1 = top1 / double(positions);
     e.tokens = targets;
     last_eval_ = e;
-    for (auto& cb : callbacks_) cb->on_eval(e);
+    if (is_root())
+      for (auto& cb : callbacks_) cb->on_eval(e);
     return e;
   }
 
   /// Trains until max_steps or a callback asks to stop; evaluates and checkpoints on schedule.
   void train() {
-    for (auto& cb : callbacks_) cb->on_train_begin(step_, cfg_.max_steps);
+    if (is_root())
+      for (auto& cb : callbacks_) cb->on_train_begin(step_, cfg_.max_steps);
     bool stop = false;
     while (step_ < cfg_.max_steps && !stop) {
       step();
       if (cfg_.eval_every > 0 && step_ % cfg_.eval_every == 0 && loader_.val_batches() > 0) evaluate(cfg_.eval_batches);
       if (!cfg_.run_dir.empty() && cfg_.checkpoint_every > 0 && step_ % cfg_.checkpoint_every == 0) checkpoint();
-      for (auto& cb : callbacks_) stop = stop || cb->stop_requested();  // after this step's evaluation
+      if (is_root())
+        for (auto& cb : callbacks_) stop = stop || cb->stop_requested();  // after this step's evaluation
+      if (dp_) {  // the root decides (Ctrl-C, early stopping); every rank follows
+        double v = stop ? 1.0 : 0.0;
+        dp_->all_reduce_sum(&v, 1);
+        stop = v > 0;
+      }
     }
     if (!cfg_.run_dir.empty() && step_ != last_checkpoint_step_) checkpoint();
-    for (auto& cb : callbacks_) cb->on_train_end(step_);
+    if (is_root())
+      for (auto& cb : callbacks_) cb->on_train_end(step_);
   }
 
   /// Writes ckpt_<step>.dxc in the run directory (atomically) and keeps the newest N.
+  /// With data parallelism every rank must call it (the optimizer state may be sharded); the
+  /// root writes the file, and every rank waits for it.
   std::string checkpoint() {
-    std::filesystem::create_directories(cfg_.run_dir);
     const std::string path = (std::filesystem::path(cfg_.run_dir) / ("ckpt_" + std::to_string(step_) + ".dxc")).string();
+    if (is_root()) std::filesystem::create_directories(cfg_.run_dir);
     save(path);
     last_checkpoint_step_ = step_;
-    io::prune_checkpoints(cfg_.run_dir, static_cast<std::size_t>(std::max<index_t>(1, cfg_.keep_checkpoints)));
-    for (auto& cb : callbacks_) cb->on_checkpoint(path, step_);
+    if (is_root()) {
+      io::prune_checkpoints(cfg_.run_dir, static_cast<std::size_t>(std::max<index_t>(1, cfg_.keep_checkpoints)));
+      for (auto& cb : callbacks_) cb->on_checkpoint(path, step_);
+    }
+    if (dp_) dp_->barrier();
     return path;
   }
 
+  /// Writes the full training state to `path` (collective under data parallelism: only the
+  /// root writes). The state does not depend on the number of ranks it was trained on.
   void save(const std::string& path) const {
     io::Checkpoint ck;
     ck.meta["format"] = "distilx-checkpoint";
@@ -293,13 +425,23 @@ class Distiller {
     ck.meta["lr_step"] = lr_.step_count();
     ck.meta["adam_step"] = opt_.step_count();
     ck.meta["scalar_type"] = sizeof(T) == 8 ? "f64" : "f32";
+    ck.meta["loss_scale"] = loss_scale_;
+    ck.meta["loss_scale_good_steps"] = good_scaled_steps_;
     const index_t n = student_.flat_size();
-    std::vector<T> host = student_.params_to_host();
+    std::vector<T> m(static_cast<std::size_t>(n)), v(m.size());
+    if (dp_ && dp_->owns_update()) {
+      index_t adam_step = 0;
+      dp_->get_optimizer_state(m, v, adam_step);  // collective: gathers every shard
+      ck.meta["adam_step"] = adam_step;
+    } else {
+      download(opt_.exp_avg(), 0, m.data(), n);
+      download(opt_.exp_avg_sq(), 0, v.data(), n);
+    }
+    if (!is_root()) return;
+    const std::vector<T> host = student_.params_to_host();
     ck.put("params", host.data(), host.size());
-    download(opt_.exp_avg(), 0, host.data(), n);
-    ck.put("adam_m", host.data(), host.size());
-    download(opt_.exp_avg_sq(), 0, host.data(), n);
-    ck.put("adam_v", host.data(), host.size());
+    ck.put("adam_m", m.data(), m.size());
+    ck.put("adam_v", v.data(), v.size());
     io::save_checkpoint(ck, path);
   }
 
@@ -309,7 +451,12 @@ class Distiller {
     const io::Checkpoint ck = io::load_checkpoint(path);
     DISTILX_REQUIRE(io_error, ck.meta.value("format", "") == "distilx-checkpoint", path,
                     " is not a distilx training checkpoint");
-    const auto diffs = io::config_differences(ck.meta.at("config"), run_config());
+    // The number of ranks may differ from the run that wrote the checkpoint (the global batch
+    // then changes with it: the loader state below says how far the data went).
+    nlohmann::json saved = ck.meta.at("config"), now = run_config();
+    saved["data"].erase("world_size");
+    now["data"].erase("world_size");
+    const auto diffs = io::config_differences(saved, now);
     if (!diffs.empty()) {
       std::string msg = path + " was written by a run with a different configuration:";
       for (const auto& d : diffs) msg += "\n  " + d;
@@ -322,11 +469,19 @@ class Distiller {
     std::vector<T> host(static_cast<std::size_t>(n));
     ck.get("params", host.data(), host.size(), path);
     student_.set_params(host.data());
+    std::vector<T> v(host.size());
     ck.get("adam_m", host.data(), host.size(), path);
-    upload(opt_.exp_avg(), 0, host.data(), n);
-    ck.get("adam_v", host.data(), host.size(), path);
-    upload(opt_.exp_avg_sq(), 0, host.data(), n);
-    opt_.set_step_count(ck.meta.at("adam_step").get<index_t>());
+    ck.get("adam_v", v.data(), v.size(), path);
+    if (dp_ && dp_->owns_update()) {
+      dp_->set_optimizer_state(host.data(), v.data(), n, ck.meta.at("adam_step").get<index_t>());
+    } else {
+      upload(opt_.exp_avg(), 0, host.data(), n);
+      upload(opt_.exp_avg_sq(), 0, v.data(), n);
+      opt_.set_step_count(ck.meta.at("adam_step").get<index_t>());
+    }
+    ops::parameters_updated(Backend{});
+    loss_scale_ = ck.meta.value("loss_scale", cfg_.loss_scale.enabled ? cfg_.loss_scale.init : 1.0);
+    good_scaled_steps_ = ck.meta.value("loss_scale_good_steps", index_t(0));
     lr_.set_step_count(ck.meta.at("lr_step").get<index_t>());
     step_ = ck.meta.at("step");
     epoch_ = ck.meta.at("epoch");
@@ -383,12 +538,38 @@ class Distiller {
     for (auto& b : dH_) g.dH_s.push_back(b.data());
     const DistillationMetrics m = loss_.compute(in, w, g, want_grad);
     if (want_grad) {
+      if (loss_scale_ != 1.0) {  // fp16: lift small gradients out of the 16-bit underflow range
+        const index_t Md = B_ * S_ * student_.config().embedding_dim;
+        ops::scale(Backend{}, dh_.data(), static_cast<T>(loss_scale_), Md);
+        if (m.alignment_active)
+          for (auto& b : dH_) ops::scale(Backend{}, b.data(), static_cast<T>(loss_scale_), Md);
+      }
       std::vector<const T*> dblocks;
       if (m.alignment_active)
         for (auto& b : dH_) dblocks.push_back(b.data());
       student_.backward(dh_.data(), m.alignment_active ? &dblocks : nullptr);
     }
     return m;
+  }
+
+  /// Means over ranks of the per-rank step metrics (each rank saw the same number of tokens).
+  void average_over_ranks(DistillationMetrics& acc) const {
+    double v[7] = {acc.total, acc.kl, acc.ce, acc.alignment, acc.top1, double(acc.positions), double(acc.targets)};
+    dp_->all_reduce_sum(v, 7);
+    const double inv = 1.0 / double(dp_->world_size());
+    acc.total = v[0] * inv, acc.kl = v[1] * inv, acc.ce = v[2] * inv, acc.alignment = v[3] * inv, acc.top1 = v[4] * inv;
+    acc.positions = index_t(v[5]), acc.targets = index_t(v[6]);
+    acc.perplexity = std::exp(acc.ce);
+  }
+
+  static std::uint64_t fingerprint_(const std::string& s) {  // FNV-1a 64
+    std::uint64_t h = 1469598103934665603ull;
+    for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+    return h;
+  }
+  std::uint64_t fingerprint_params_() const {
+    const std::vector<T> p = student_.params_to_host();
+    return fingerprint_(std::string(reinterpret_cast<const char*>(p.data()), p.size() * sizeof(T)));
   }
 
   static void accumulate(DistillationMetrics& acc, const DistillationMetrics& m, bool first) {
@@ -424,6 +605,9 @@ class Distiller {
   index_t B_ = 0, S_ = 0, steps_per_epoch_ = 1;
   index_t step_ = 0, epoch_ = 0, tokens_ = 0, bad_streak_ = 0, last_checkpoint_step_ = -1;
   double elapsed_ = 0;
+  double loss_scale_ = 1.0;
+  index_t good_scaled_steps_ = 0;
+  std::shared_ptr<DataParallel<T>> dp_;
   EvalReport last_eval_{-1};
   std::vector<std::int32_t> inputs_, targets_;
   std::vector<Tensor<T, Backend>> teacher_hidden_;

@@ -4,6 +4,9 @@
 // explicit; the embedding and LM head copied from the teacher and frozen.
 #pragma once
 
+#include <type_traits>
+#include <vector>
+
 #include <algorithm>
 #include <cstring>
 #include <string>
@@ -55,8 +58,18 @@ void copy_frozen_from_teacher(Student<T, Backend>& s, const Teacher& t) {
   DISTILX_REQUIRE(config_error, c.vocab_size == t.vocab_size() && c.embedding_dim == t.hidden_size(),
                   "student (V ", c.vocab_size, ", d ", c.embedding_dim, ") does not match the teacher (V ",
                   t.vocab_size(), ", d ", t.hidden_size(), ")");
-  s.set_embedding(t.embedding().data());  // the teacher's weights live on the host
-  if (!c.tie_weights) s.set_head(t.lm_head().data());
+  if constexpr (std::is_same_v<typename Teacher::backend_type, cpu>) {
+    s.set_embedding(t.embedding().data());
+    if (!c.tie_weights) s.set_head(t.lm_head().data());
+  } else {  // a device teacher: stage through the host (once, at set-up)
+    std::vector<T> host(static_cast<std::size_t>(t.embedding().size()));
+    download(t.embedding().buffer(), 0, host.data(), t.embedding().size());
+    s.set_embedding(host.data());
+    if (!c.tie_weights) {
+      download(t.lm_head().buffer(), 0, host.data(), t.lm_head().size());
+      s.set_head(host.data());
+    }
+  }
 }
 
 }  // namespace distilx

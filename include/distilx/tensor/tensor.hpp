@@ -59,6 +59,9 @@ class Tensor {
   const T* end() const { return buf_.end(); }
   View<T> view() { return {data(), shape_}; }
   View<const T> view() const { return {data(), shape_}; }
+  /// The storage, for upload()/download() between the host and any backend.
+  Buffer<T, Backend>& buffer() { return buf_; }
+  const Buffer<T, Backend>& buffer() const { return buf_; }
 
  private:
   Shape shape_;
