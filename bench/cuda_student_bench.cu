@@ -1,7 +1,11 @@
 // GPU forward + backward of the paper-config student's block stack (6 blocks, sLSTM at
-// 0, 2, 4, 16 heads, d 1536, frozen embedding/head, V 151936) on 8192 tokens per step,
-// float32 with TF32 off (exact mode) and on, plus the cells alone. The loss and the
-// teacher are not part of this measurement (backward starts from d hidden).
+// 0, 2, 4, 16 heads, d 1536, frozen embedding/head, V 151936) on 8192 tokens per step in
+// every float math mode: fp32 exact, TF32, and bf16 mixed precision (16-bit GEMM operands,
+// fp32 accumulation; the flat parameters and the frozen embedding/head in the operand cache,
+// invalidated once per step as the Distiller does after its optimizer update). Same-run GEMM
+// baselines per mode at the mLSTM up-projection shape and at 8192^3 (the ceiling), including a
+// bare cublasGemmEx on operands already in bf16. The loss and the teacher are not part of this
+// measurement (backward starts from d hidden).
 #include <chrono>
 #include <functional>
 #include <cstdio>
@@ -10,6 +14,7 @@
 #include "distilx/cuda.cuh"
 
 using namespace distilx;
+using cuda_backend::MathMode;
 
 namespace {
 double time_ms(const std::function<void()>& f, int iters) {
@@ -19,6 +24,49 @@ double time_ms(const std::function<void()>& f, int iters) {
   for (int i = 0; i < iters; ++i) f();
   DISTILX_CUDA_CHECK(cudaDeviceSynchronize());
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / iters;
+}
+
+/// y[M,N] = x[M,K] W[N,K]^T in each mode through ops::gemm, with W cached in bf16, and as a
+/// bare cublasGemmEx on bf16 operands converted beforehand (the cuBLAS ceiling for the shape).
+void gemm_baseline(index_t M, index_t N, index_t K, int iters) {
+  Buffer<float, distilx::cuda> A(M * K), W(N * K), C(M * N);
+  const double flop = 2.0 * double(M) * double(N) * double(K);
+  auto report = [&](const char* what, double ms) {
+    std::printf("baseline GEMM %lldx%lldx%lld %-34s %8.3f ms %7.1f TFLOP/s\n", (long long)M, (long long)N,
+                (long long)K, what, ms, flop / ms / 1e9);
+  };
+  auto run = [&] {
+    ops::gemm(distilx::cuda{}, ops::Trans::no, ops::Trans::yes, M, N, K, 1.0f, A.data(), K, W.data(), K, 0.0f,
+              C.data(), N);
+  };
+  for (MathMode m : {MathMode::fp32, MathMode::tf32, MathMode::bf16, MathMode::fp16}) {
+    cuda_backend::set_math_mode(m);
+    const char* name = m == MathMode::fp32   ? "fp32 exact"
+                       : m == MathMode::tf32 ? "TF32"
+                       : m == MathMode::bf16 ? "bf16 (both operands converted)"
+                                             : "fp16 (both operands converted)";
+    report(name, time_ms(run, iters));
+  }
+  {
+    cuda_backend::set_math_mode(MathMode::bf16);
+    cuda_backend::CachedOperands reg(W.data(), N * K, /*frozen=*/true);
+    report("bf16 (W cached, x converted)", time_ms(run, iters));
+  }
+  {
+    Buffer<__nv_bfloat16, distilx::cuda> a16(M * K), w16(N * K);
+    cuda_backend::detail::convert_flat(a16.data(), A.data(), M * K, MathMode::bf16);
+    cuda_backend::detail::convert_flat(w16.data(), W.data(), N * K, MathMode::bf16);
+    const float one = 1.f, zero = 0.f;
+    report("bf16 bare cublasGemmEx", time_ms([&] {
+             DISTILX_CUBLAS_CHECK(cublasGemmEx_64(cuda_backend::cublas_handle(), CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one,
+                                                  w16.data(), CUDA_R_16BF, K, a16.data(), CUDA_R_16BF, K, &zero,
+                                                  C.data(), CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+           }, iters));
+    report("float->bf16 conversion of x alone", time_ms([&] {
+             cuda_backend::detail::convert_flat(a16.data(), A.data(), M * K, MathMode::bf16);
+           }, iters));
+  }
+  cuda_backend::set_math_mode(MathMode::fp32);
 }
 }  // namespace
 
@@ -37,38 +85,48 @@ int main() {
     host_init.init(1);
     s.set_params(host_init.params_to_host().data());
   }
-  // GEMM baseline in the same run: M 8192, K 1536, N 6144 (the mLSTM up-projection).
-  {
-    const index_t M = 8192, K = 1536, N = 6144;
-    Buffer<float, distilx::cuda> A(M * K), W(N * K), C(M * N);
-    for (bool tf32 : {false, true}) {
-      cuda_backend::set_tf32(tf32);
-      const double ms = time_ms([&] {
-        ops::gemm(distilx::cuda{}, ops::Trans::no, ops::Trans::yes, M, N, K, 1.0f, A.data(), K, W.data(), K, 0.0f, C.data(), N);
-      }, 10);
-      std::printf("baseline GEMM %lldx%lldx%lld fp32 %s: %.2f ms, %.1f TFLOP/s\n", (long long)M, (long long)N,
-                  (long long)K, tf32 ? "TF32" : "exact", ms, 2.0 * M * N * K / ms / 1e9);
-    }
-  }
-  for (auto [B, T] : std::vector<std::pair<index_t, index_t>>{{16, 512}, {4, 2048}}) {
+  // GEMM baselines in the same run: the mLSTM up-projection (M 8192, K 1536, N 6144) and a
+  // large square for the ceiling.
+  gemm_baseline(8192, 6144, 1536, 10);
+  gemm_baseline(8192, 8192, 8192, 5);
+  for (const auto& bt : std::vector<std::pair<index_t, index_t>>{{16, 512}, {4, 2048}}) {
+    const index_t B = bt.first, T = bt.second;  // named copies: lambdas may not capture structured bindings in C++17
     std::vector<std::int32_t> tok(static_cast<std::size_t>(B * T));
     Rng rng(3);
     for (auto& t : tok) t = static_cast<std::int32_t>(rng.below(static_cast<std::uint64_t>(c.vocab_size)));
     Buffer<float, distilx::cuda> dh(B * T * c.embedding_dim);
-    for (bool tf32 : {false, true}) {
-      cuda_backend::set_tf32(tf32);
-      const double fwd = time_ms([&] { s.forward(tok.data(), B, T); }, 3);
+    for (MathMode m : {MathMode::fp32, MathMode::tf32, MathMode::bf16}) {
+      cuda_backend::set_math_mode(m);
+      // bf16: operands of the trainable weights come from one conversion per step (invalidated
+      // as after an optimizer update), the frozen embedding/head from a copy made once.
+      std::vector<cuda_backend::CachedOperands> regs;
+      if (m == MathMode::bf16) {
+        regs.emplace_back(s.params(), s.layout().total(), false);
+        regs.emplace_back(s.embedding(), c.vocab_size * c.embedding_dim, true);
+        if (!c.tie_weights) regs.emplace_back(s.head(), c.vocab_size * c.embedding_dim, true);
+      }
+      const auto conv0 = cuda_backend::OperandCache::instance().conversions();
+      const double fwd = time_ms([&] {
+        cuda_backend::invalidate_cached_operands();
+        s.forward(tok.data(), B, T);
+      }, 3);
       const double step = time_ms([&] {
+        cuda_backend::invalidate_cached_operands();
         s.forward(tok.data(), B, T);
         s.zero_grad();
         s.backward(dh.data());
       }, 3);
       const double flops = 0.504e9 * double(B * T);  // trainable weights fwd + both bwd GEMMs (performance.md)
-      std::printf("student blocks B %lld x T %lld, fp32 %s: forward %.1f ms, forward+backward %.1f ms, %.0f tokens/s, "
+      std::printf("student blocks B %lld x T %lld, %-4s: forward %.1f ms, forward+backward %.1f ms, %.0f tokens/s, "
                   "%.1f TFLOP/s on the trainable GEMMs\n",
-                  (long long)B, (long long)T, tf32 ? "TF32" : "exact", fwd, step, double(B * T) / step * 1e3,
+                  (long long)B, (long long)T, cuda_backend::to_string(m), fwd, step, double(B * T) / step * 1e3,
                   flops / step / 1e9);
+      if (m == MathMode::bf16)
+        std::printf("  operand cache: %llu range conversions in %d timed calls, %.1f MB of 16-bit copies\n",
+                    (unsigned long long)(cuda_backend::OperandCache::instance().conversions() - conv0), 8,
+                    double(cuda_backend::cached_operand_bytes()) / 1e6);
     }
+    cuda_backend::set_math_mode(MathMode::fp32);
   }
   std::size_t free_b = 0, total_b = 0;
   DISTILX_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
