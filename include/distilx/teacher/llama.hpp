@@ -3,10 +3,16 @@
 // x += down(silu(gate(n)) * up(n)) on n = RMSNorm(x)] -> final RMSNorm -> LM head (tied or not).
 // Hidden states as output_hidden_states=True: L+1 entries, embeddings first, the last after the
 // final norm (HF replaces the last layer's raw output by the normed one).
+//
+// Backends: cpu, and cuda when included through distilx/cuda.cuh. With the cuda backend the weights,
+// activations, logits and hidden states live on the device; weights are read, converted and
+// initialised on the host and uploaded (a cpu and a cuda teacher given the same Rng hold identical
+// weights); tokens, attention_mask and position_ids stay host arrays and are staged by forward().
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -28,14 +34,22 @@
 
 namespace distilx {
 
+namespace ops {
+/// dst[0, n) = host[0, n) for a backend's memory (the CUDA overload, in backend/cuda/teacher_ops.cuh,
+/// is ordered on the current stream, so the host array may be reused as soon as it returns).
+template <class T>
+void copy_from_host(cpu, T* dst, const T* host, index_t n) {
+  if (n > 0) std::memcpy(dst, host, sizeof(T) * static_cast<std::size_t>(n));
+}
+}  // namespace ops
+
 /// Shape legend: B batch, S sequence, M = B*S rows, d hidden_size, NH query heads, NKV key/value
 /// heads, DH head_dim, F intermediate_size, V vocab_size, L num_hidden_layers.
 template <class T, class Backend = cpu>
 class LlamaTeacher {
   static_assert(std::is_floating_point_v<T>, "LlamaTeacher: T must be float or double");
-  static_assert(std::is_same_v<Backend, cpu>,
-                "LlamaTeacher: only the cpu backend is implemented; a CUDA backend needs device copies of the "
-                "weights and of the position/frequency tables besides its op overloads");
+  static_assert(is_backend_v<Backend>, "LlamaTeacher: Backend must be distilx::cpu or distilx::cuda");
+  static constexpr bool on_host = std::is_same_v<Backend, cpu>;
 
  public:
   using value_type = T;
@@ -90,6 +104,10 @@ class LlamaTeacher {
     }
     fill_(final_norm_, T(1));
     inv_freq_ = ops::rope_inverse_frequencies(cfg_.rope, cfg_.head_dim);
+    if constexpr (!on_host) {
+      inv_freq_dev_.resize({static_cast<index_t>(inv_freq_.size())});
+      upload(inv_freq_dev_.buffer(), 0, inv_freq_.data(), inv_freq_dev_.size());
+    }
   }
 
   /// Loads a Hugging Face model directory as save_pretrained wrote it (config.json plus
@@ -103,19 +121,37 @@ class LlamaTeacher {
   }
 
   /// Reads every parameter (HF names) from `w`, converting to T.
+  /// With the cuda backend each tensor is read on the host and uploaded.
   void load_weights(const io::HfWeights& w) {
-    for_each_parameter([&](const std::string& name, TensorT& t) { w.read<T>(name, t.data(), t.shape()); });
+    if constexpr (on_host) {
+      for_each_parameter([&](const std::string& name, TensorT& t) { w.read<T>(name, t.data(), t.shape()); });
+    } else {
+      std::vector<T> host;
+      for_each_parameter([&](const std::string& name, TensorT& t) {
+        host.resize(static_cast<std::size_t>(t.size()));
+        w.read<T>(name, host.data(), t.shape());
+        upload(t.buffer(), 0, host.data(), t.size());
+      });
+    }
   }
 
   /// Random weights for tests and benchmarks: embeddings N(0,1), matrices N(0, 1/fan_in),
-  /// biases N(0, 0.1^2), norm weights 1 + N(0, 0.1^2).
+  /// biases N(0, 0.1^2), norm weights 1 + N(0, 0.1^2). The draws are the same on every backend
+  /// (the cuda teacher draws on the host and uploads).
   void init_random(Rng& rng) {
+    std::vector<T> host;
     for_each_parameter([&](const std::string& name, TensorT& t) {
       const bool is_norm = name.size() > 11 && name.compare(name.size() - 11, 11, "norm.weight") == 0;
       const bool is_bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
       const bool is_embed = name == "model.embed_tokens.weight";
       const double sd = is_norm || is_bias ? 0.1 : is_embed ? 1.0 : 1.0 / std::sqrt(double(t.dim(1)));
-      for (index_t i = 0; i < t.size(); ++i) t[i] = static_cast<T>((is_norm ? 1.0 : 0.0) + sd * rng.normal());
+      if constexpr (on_host) {
+        for (index_t i = 0; i < t.size(); ++i) t[i] = static_cast<T>((is_norm ? 1.0 : 0.0) + sd * rng.normal());
+      } else {
+        host.resize(static_cast<std::size_t>(t.size()));
+        for (T& x : host) x = static_cast<T>((is_norm ? 1.0 : 0.0) + sd * rng.normal());
+        upload(t.buffer(), 0, host.data(), t.size());
+      }
     });
   }
 
@@ -153,6 +189,15 @@ class LlamaTeacher {
     q_tile_ = q_tile;
   }
 
+  /// Which of the L+1 hidden states forward() keeps when asked for them (e.g. only those an
+  /// alignment policy reads); `keep` has L+1 entries, or none for all (the default). Entries not
+  /// kept are resized to empty tensors and cost neither memory nor a copy.
+  void keep_hidden_states(std::vector<bool> keep) {
+    DISTILX_REQUIRE(error, keep.empty() || static_cast<index_t>(keep.size()) == num_hidden_states(),
+                    "keep_hidden_states: expected ", num_hidden_states(), " flags (L + 1) or none, got ", keep.size());
+    keep_hidden_ = std::move(keep);
+  }
+
   /// Forward pass for tokens [B, S].
   ///  attention_mask [B, S]: 1 = real token, 0 = padding (left or right); null = no padding. As in HF,
   ///    padding keys are masked for every query; outputs at padding positions are not meaningful
@@ -161,7 +206,10 @@ class LlamaTeacher {
   ///    does when none are given, also for padded batches (generate() instead passes cumsum(mask)-1,
   ///    see hf_generate_position_ids).
   ///  logits [B, S, V] may be null. hidden_states may be null; otherwise it is resized to L+1 tensors
-  ///    [B, S, d] in HF's output_hidden_states order (existing tensors of the right shape are reused).
+  ///    [B, S, d] in HF's output_hidden_states order (existing tensors of the right shape are reused;
+  ///    see keep_hidden_states).
+  ///  With the cuda backend tokens, attention_mask and position_ids are host arrays; logits is device
+  ///  memory and the hidden states are device tensors.
   void forward(const std::int32_t* tokens, index_t B, index_t S, const std::uint8_t* attention_mask, T* logits,
                std::vector<TensorT>* hidden_states, const std::int32_t* position_ids = nullptr) {
     DISTILX_REQUIRE(shape_error, B > 0 && S > 0, "teacher forward: batch and sequence length must be positive, got B ",
@@ -175,14 +223,28 @@ class LlamaTeacher {
     ensure_workspace_(B, S);
 
     for (index_t m = 0; m < M; ++m) pos_[static_cast<std::size_t>(m)] = position_ids ? position_ids[m] : std::int32_t(m % S);
-    ops::rope_cos_sin(be, cos_.data(), sin_.data(), pos_.data(), inv_freq_.data(), M, half);
+    const std::uint8_t* key_mask = attention_mask;  // where the attention op reads it
+    if constexpr (on_host) {
+      ops::rope_cos_sin(be, cos_.data(), sin_.data(), pos_.data(), inv_freq_.data(), M, half);
+    } else {
+      ops::copy_from_host(be, pos_dev_.data(), pos_.data(), M);
+      ops::rope_cos_sin(be, cos_.data(), sin_.data(), pos_dev_.data(), inv_freq_dev_.data(), M, half);
+      if (attention_mask) {
+        ops::copy_from_host(be, mask_dev_.data(), attention_mask, M);
+        key_mask = mask_dev_.data();
+      }
+    }
 
     ops::embedding_forward(be, x_.data(), tokens, embed_.data(), M, d, V);  // [M, d]
+    auto kept = [&](index_t i) { return keep_hidden_.empty() || keep_hidden_[static_cast<std::size_t>(i)]; };
     if (hidden_states) {
       hidden_states->resize(static_cast<std::size_t>(L + 1));
-      for (TensorT& h : *hidden_states)
-        if (h.shape() != Shape{B, S, d}) h.resize({B, S, d});
-      ops::copy(be, (*hidden_states)[0].data(), x_.data(), M * d);
+      for (index_t i = 0; i <= L; ++i) {
+        TensorT& h = (*hidden_states)[static_cast<std::size_t>(i)];
+        const Shape want = kept(i) ? Shape{B, S, d} : Shape{0};
+        if (h.shape() != want) h.resize(want);
+      }
+      if (kept(0)) ops::copy(be, (*hidden_states)[0].data(), x_.data(), M * d);
     }
 
     ops::CausalAttentionShape ash;
@@ -206,7 +268,7 @@ class LlamaTeacher {
       ops::rope_forward(be, q_.data(), cos_.data(), sin_.data(), M, NH, DH);
       ops::rope_forward(be, k_.data(), cos_.data(), sin_.data(), M, NKV, DH);
       ash.window = cfg_.sliding_window[static_cast<std::size_t>(l)];
-      ops::causal_attention_forward(be, att_.data(), q_.data(), k_.data(), v_.data(), attention_mask, ash, scale,
+      ops::causal_attention_forward(be, att_.data(), q_.data(), k_.data(), v_.data(), key_mask, ash, scale,
                                     scratch_.data(), scratch_.size());  // [M, NH, DH]
       // x += att Wo^T (+ bo): the residual add is folded into the GEMM (beta = 1).
       ops::gemm(be, ops::Trans::no, ops::Trans::yes, M, d, NH * DH, T(1), att_.data(), NH * DH, ly.wo.data(),
@@ -220,12 +282,12 @@ class LlamaTeacher {
       ops::gemm(be, ops::Trans::no, ops::Trans::yes, M, d, F, T(1), gate_.data(), F, ly.w_down.data(), F, T(1),
                 x_.data(), d);
       if (cfg_.mlp_bias) ops::add_row_vector(be, x_.data(), ly.b_down.data(), M, d);
-      if (hidden_states && l + 1 < L)
+      if (hidden_states && l + 1 < L && kept(l + 1))
         ops::copy(be, (*hidden_states)[static_cast<std::size_t>(l + 1)].data(), x_.data(), M * d);
     }
 
     ops::rmsnorm_forward(be, xn_.data(), static_cast<T*>(nullptr), x_.data(), final_norm_.data(), M, d, eps);
-    if (hidden_states) ops::copy(be, (*hidden_states)[static_cast<std::size_t>(L)].data(), xn_.data(), M * d);
+    if (hidden_states && kept(L)) ops::copy(be, (*hidden_states)[static_cast<std::size_t>(L)].data(), xn_.data(), M * d);
     if (logits) ops::lm_head_forward(be, logits, xn_.data(), lm_head().data(), M, d, V);  // [M, V]
   }
 
@@ -261,7 +323,12 @@ class LlamaTeacher {
 
   static const T* bias_(const TensorT& b) { return b.size() ? b.data() : nullptr; }
   static void fill_(TensorT& t, T v) {
-    for (index_t i = 0; i < t.size(); ++i) t[i] = v;
+    if constexpr (on_host) {
+      for (index_t i = 0; i < t.size(); ++i) t[i] = v;
+    } else {
+      const std::vector<T> host(static_cast<std::size_t>(t.size()), v);
+      upload(t.buffer(), 0, host.data(), t.size());
+    }
   }
 
   void ensure_workspace_(index_t B, index_t S) {
@@ -279,6 +346,10 @@ class LlamaTeacher {
     cos_.resize({M, DH / 2});
     sin_.resize({M, DH / 2});
     pos_.assign(static_cast<std::size_t>(M), 0);
+    if constexpr (!on_host) {
+      pos_dev_.resize({M});
+      mask_dev_.resize({M});
+    }
     ws_B_ = B;
     ws_S_ = S;
   }
@@ -289,7 +360,9 @@ class LlamaTeacher {
   TensorT final_norm_;  // [d]
   std::vector<Layer> layers_;
   std::vector<float> inv_freq_;  // [DH/2], float32 as in HF
+  Tensor<float, Backend> inv_freq_dev_;  // its device copy (cuda only)
   index_t q_tile_ = 64;
+  std::vector<bool> keep_hidden_;  // empty = all
 
   // Workspace, sized per (B, S) and reused across calls.
   index_t ws_B_ = -1, ws_S_ = -1;
@@ -300,6 +373,8 @@ class LlamaTeacher {
   TensorT cos_, sin_;         // [M, DH/2]
   TensorT scratch_;           // attention score tiles
   std::vector<std::int32_t> pos_;  // [M]
+  Tensor<std::int32_t, Backend> pos_dev_;   // [M] staged positions (cuda only)
+  Tensor<std::uint8_t, Backend> mask_dev_;  // [M] staged attention mask (cuda only)
 };
 
 static_assert(is_teacher_v<LlamaTeacher<float>>, "LlamaTeacher must model the Teacher concept");
