@@ -4,6 +4,8 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <utility>
 #include <new>
 #include <utility>
 
@@ -87,9 +89,38 @@ namespace distilx::ops {
 /// Called by trainers after every optimizer update of the parameters, so that a backend can
 /// drop anything derived from the old values (the CUDA backend's 16-bit operand copies).
 inline void parameters_updated(cpu) {}
+/// Holds a registration made by cache_operands and undoes it when destroyed (move-only).
+class OperandRegistration {
+ public:
+  OperandRegistration() = default;
+  explicit OperandRegistration(std::function<void()> release) : release_(std::move(release)) {}
+  OperandRegistration(OperandRegistration&& o) noexcept : release_(std::exchange(o.release_, nullptr)) {}
+  OperandRegistration& operator=(OperandRegistration&& o) noexcept {
+    if (this != &o) {
+      reset();
+      release_ = std::exchange(o.release_, nullptr);
+    }
+    return *this;
+  }
+  OperandRegistration(const OperandRegistration&) = delete;
+  OperandRegistration& operator=(const OperandRegistration&) = delete;
+  ~OperandRegistration() { reset(); }
+  void reset() {
+    if (release_) std::exchange(release_, nullptr)();
+  }
+  bool active() const { return static_cast<bool>(release_); }
+
+ private:
+  std::function<void()> release_;
+};
+
 /// Tells a backend that [p, p + n) holds weights that are read by many products: `frozen`
 /// ones never change, the others change only at parameters_updated(). The CUDA backend keeps
-/// 16-bit copies of them in its mixed-precision math modes; the CPU needs nothing.
+/// 16-bit copies of them in its mixed-precision math modes; the CPU needs nothing. The range
+/// stays registered while the returned object lives (keep it no longer than the memory); a
+/// range the caller registered already is left as it is.
 template <class T>
-void cache_operands(cpu, const T* /*p*/, index_t /*n*/, bool /*frozen*/) {}
+OperandRegistration cache_operands(cpu, const T* /*p*/, index_t /*n*/, bool /*frozen*/) {
+  return {};
+}
 }  // namespace distilx::ops

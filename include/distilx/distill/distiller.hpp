@@ -184,14 +184,18 @@ class Distiller {
     targets_.resize(static_cast<std::size_t>(M));
     dh_.resize(M * sc.embedding_dim);
     // Weights read by many products: the CUDA backend keeps 16-bit copies in bf16 / fp16 math.
-    ops::cache_operands(Backend{}, static_cast<const T*>(student_.params()), student_.flat_size(), false);
-    ops::cache_operands(Backend{}, static_cast<const T*>(student_.embedding()), sc.vocab_size * sc.embedding_dim, true);
+    const Backend be{};
+    cached_.push_back(ops::cache_operands(be, static_cast<const T*>(student_.params()), student_.flat_size(), false));
+    cached_.push_back(
+        ops::cache_operands(be, static_cast<const T*>(student_.embedding()), sc.vocab_size * sc.embedding_dim, true));
     if (!sc.tie_weights)
-      ops::cache_operands(Backend{}, static_cast<const T*>(student_.head()), sc.vocab_size * sc.embedding_dim, true);
+      cached_.push_back(
+          ops::cache_operands(be, static_cast<const T*>(student_.head()), sc.vocab_size * sc.embedding_dim, true));
     if constexpr (detail::has_parameter_visitor<TeacherT>::value)
-      teacher_.for_each_parameter([](const std::string&, const auto& t) {
-        ops::cache_operands(Backend{}, static_cast<const T*>(t.data()), t.size(), true);
+      teacher_.for_each_parameter([&](const std::string&, const auto& t) {
+        cached_.push_back(ops::cache_operands(be, static_cast<const T*>(t.data()), t.size(), true));
       });
+    ops::parameters_updated(be);  // the student's weights may have been set since the last step
     dH_.resize(static_cast<std::size_t>(sc.num_blocks));
     for (auto& b : dH_) b.resize(M * sc.embedding_dim);
   }
@@ -214,6 +218,9 @@ class Distiller {
     j["data"].erase("rank");
     dp_->check_same_on_all_ranks("run configuration (student, distiller, data)", fingerprint_(j.dump()));
     dp_->check_same_on_all_ranks("student initial parameters", fingerprint_params_());
+    // ZeRO-1: the policy holds this rank's shard of the optimizer state; drop the full copy.
+    if constexpr (std::is_constructible_v<OptimizerT, std::vector<ParamRange>, index_t, AdamWConfig>)
+      if (dp_->owns_update()) opt_ = OptimizerT(std::vector<ParamRange>{}, index_t(0), cfg_.adamw);
   }
   DataParallel<T>* data_parallel() const { return dp_.get(); }
   /// True on the rank that prints, writes metrics and checkpoints (always without data parallelism).
@@ -453,9 +460,15 @@ class Distiller {
                     " is not a distilx training checkpoint");
     // The number of ranks may differ from the run that wrote the checkpoint (the global batch
     // then changes with it: the loader state below says how far the data went).
+    // Compared per global batch (rows per rank x ranks): 2 GPUs x 2 rows resume as 1 GPU x 4 rows;
+    // the loader checks that the position is a whole number of the new global batches.
     nlohmann::json saved = ck.meta.at("config"), now = run_config();
-    saved["data"].erase("world_size");
-    now["data"].erase("world_size");
+    for (nlohmann::json* c : {&saved, &now}) {
+      nlohmann::json& d = (*c)["data"];
+      const index_t w = d.value("world_size", index_t(1));
+      if (d.contains("batch_size")) d["batch_size"] = d["batch_size"].get<index_t>() * w;
+      d.erase("world_size");
+    }
     const auto diffs = io::config_differences(saved, now);
     if (!diffs.empty()) {
       std::string msg = path + " was written by a run with a different configuration:";
@@ -608,6 +621,7 @@ class Distiller {
   double loss_scale_ = 1.0;
   index_t good_scaled_steps_ = 0;
   std::shared_ptr<DataParallel<T>> dp_;
+  std::vector<ops::OperandRegistration> cached_;  // weights registered with the backend while training
   EvalReport last_eval_{-1};
   std::vector<std::int32_t> inputs_, targets_;
   std::vector<Tensor<T, Backend>> teacher_hidden_;
