@@ -211,20 +211,32 @@ class TokenLoader {
   }
 
   /// Restores a state from state(); the next batch is then the one an uninterrupted run
-  /// would have produced. Throws config_error if the state's geometry differs from this loader's.
+  /// would have produced. A state taken on W ranks with B rows each also restores on W' ranks
+  /// with B' rows when the global batch is the same (B·W == B'·W'): every step then reads the
+  /// same windows, split differently among the ranks, so a data-parallel run resumes on another
+  /// number of GPUs. More generally the windows already taken (position·B·W) must be a whole
+  /// number of this loader's global batches. Throws config_error otherwise, or if the data
+  /// (training windows, seq_len) differ.
   void set_state(const LoaderState& s) {
+    const index_t global = opt_.batch_size * opt_.world_size;
+    const index_t taken = s.position * s.batch_size * s.world_size;  // windows of the epoch already read
     DISTILX_REQUIRE(config_error,
-                    s.train_windows == train_ && s.seq_len == opt_.seq_len && s.batch_size == opt_.batch_size &&
-                        s.world_size == opt_.world_size,
+                    s.train_windows == train_ && s.seq_len == opt_.seq_len && s.batch_size > 0 && s.world_size > 0 &&
+                        taken % global == 0,
                     "TokenLoader::set_state: state was taken with ", s.train_windows, " training windows, seq_len ",
-                    s.seq_len, ", batch_size ", s.batch_size, ", world_size ", s.world_size, "; this loader has ",
-                    train_, ", ", opt_.seq_len, ", ", opt_.batch_size, ", ", opt_.world_size);
-    DISTILX_REQUIRE(config_error, s.epoch >= 0 && s.position >= 0 && s.position <= batches_per_epoch(),
+                    s.seq_len, ", batch_size ", s.batch_size, ", world_size ", s.world_size, " (", taken,
+                    " windows of the epoch read); this loader has ", train_, ", ", opt_.seq_len, ", ", opt_.batch_size,
+                    ", ", opt_.world_size, (s.train_windows == train_ && s.seq_len == opt_.seq_len
+                                                ? " and cannot continue after a partial global batch (keep "
+                                                  "batch_size * world_size the same)"
+                                                : ""));
+    const index_t position = taken / global;
+    DISTILX_REQUIRE(config_error, s.epoch >= 0 && s.position >= 0 && position <= batches_per_epoch(),
                     "TokenLoader::set_state: epoch ", s.epoch, " / position ", s.position, " outside [0, ",
                     batches_per_epoch(), "]");
     seed_ = s.seed;
     epoch_ = s.epoch;
-    position_ = s.position;
+    position_ = position;
     shuffle_();
   }
 

@@ -5,6 +5,7 @@
 // residuals, before post_norm) are exposed for hidden-state alignment.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -119,6 +120,21 @@ class Student {
 
   void zero_grad() { grads_.zero(); }
 
+  /// Called during backward() as soon as a block's parameter gradients are final (blocks in
+  /// reverse order) with the block index and the range [offset, offset + count) of the flat
+  /// gradient buffer it owns; the top block's range also covers the post-blocks norm. The ranges
+  /// are contiguous and together cover [0, flat_size()). Gradients are final on the device when
+  /// the work queued so far on the backend's stream completes, so a data-parallel policy can
+  /// start reducing them on another stream while the backward goes on. Unset (the default), it
+  /// costs one branch per block.
+  using GradReadyHook = std::function<void(index_t block, index_t offset, index_t count)>;
+  void set_grad_ready_hook(GradReadyHook hook) { grad_ready_ = std::move(hook); }
+  /// First flat-buffer element of block i's parameters (flat_size() for i == num_blocks()).
+  index_t block_param_offset(index_t i) const {
+    DISTILX_ASSERT(i >= 0 && i <= cfg_.num_blocks);
+    return i == cfg_.num_blocks ? layout_.total() : block_offsets_[static_cast<std::size_t>(i)];
+  }
+
   /// Forward over tokens [B, S] (ids validated against V). Afterwards hidden() is the
   /// post-norm state [B,S,d] and block_output(i) the output of block i.
   template <class Tok>
@@ -166,6 +182,11 @@ class Student {
         ops::add_inplace(be, cur, (*d_block_outputs)[static_cast<std::size_t>(i)], M * d);
       std::visit([&](auto& blk) { blk->backward(nxt, grads_.data(), cur, xs_[i].data(), params_.data(), B_, S_); },
                  blocks_[static_cast<std::size_t>(i)]);
+      if (grad_ready_) {
+        const index_t lo = block_offsets_[static_cast<std::size_t>(i)];
+        const index_t hi = i + 1 == cfg_.num_blocks ? layout_.total() : block_offsets_[static_cast<std::size_t>(i + 1)];
+        grad_ready_(i, lo, hi - lo);
+      }
       std::swap(cur, nxt);
     }
     // cur now holds d(embedding output); the embedding is frozen, so it is dropped.
@@ -233,6 +254,7 @@ class Student {
     cfg_.validate();
     for (index_t i = 0; i < cfg_.num_blocks; ++i) {
       const std::string prefix = "xlstm_block_stack.blocks." + std::to_string(i) + ".";
+      block_offsets_.push_back(layout_.total());
       if (cfg_.is_slstm(i))
         blocks_.emplace_back(std::make_unique<SBlock>(cfg_, i, layout_, prefix));
       else
@@ -264,6 +286,8 @@ class Student {
   StudentConfig cfg_;
   ParamLayout layout_;
   std::vector<Block> blocks_;
+  std::vector<index_t> block_offsets_;  // first flat element of each block's parameters
+  GradReadyHook grad_ready_;
   index_t post_norm_ = -1;
   Buffer<T, Backend> params_, grads_, embedding_, head_;
   index_t B_ = -1, S_ = -1;
