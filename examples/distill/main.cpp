@@ -13,8 +13,17 @@
 #include <iostream>
 #include <sstream>
 
-#include "callbacks.hpp"
+#ifdef DISTILX_APP_CUDA  // built by nvcc as examples/distill/main_cuda.cu: both backends
+#include "distilx/cuda.cuh"
+#ifdef DISTILX_HAS_NCCL  // multi-GPU data parallelism: --gpus N, or mpirun / srun / RANK+WORLD_SIZE
+#define DISTILX_APP_NCCL 1
+#include "distilx/parallel/data_parallel.cuh"
+#include "distilx/parallel/launch.hpp"
+#endif
+#else
 #include "distilx/distilx.hpp"
+#endif
+#include "callbacks.hpp"  // after the library (in a CUDA build, after its op overloads)
 
 namespace po = boost::program_options;
 namespace fs = std::filesystem;
@@ -173,8 +182,39 @@ po::options_description distill_options() {
       ("checkpoint-every", po::value<long>()->default_value(200), "checkpoint every N steps (0: at the end)")
       ("keep", po::value<long>()->default_value(3), "checkpoints to keep")
       ("log-every", po::value<long>()->default_value(1), "progress line every N steps")
-      ("seed", po::value<unsigned long>()->default_value(42), "seed for initialisation and data order");
+      ("seed", po::value<unsigned long>()->default_value(42), "seed for initialisation and data order")
+      ("device", po::value<std::string>()->default_value("cpu"), "cpu or cuda (a build with the CUDA toolkit)")
+      ("precision", po::value<std::string>()->default_value("auto"), "GPU math: auto (= bf16), bf16, fp16 (with dynamic loss scaling), tf32 or fp32")
+      ("gpus", po::value<int>()->default_value(1), "data-parallel GPUs on this machine (one process each; --batch is per GPU). mpirun/srun launches work too")
+      ("zero", po::value<std::string>()->default_value("replicate"), "multi-GPU optimizer state: replicate, or zero1 (sharded AdamW state)");
   return d;
+}
+
+/// Checks --device / --precision; selects the GPU math mode. Returns true for cuda.
+bool apply_device(const po::variables_map& vm, DistillerConfig* dc) {
+  const std::string dev = vm["device"].as<std::string>(), prec = vm["precision"].as<std::string>();
+  if (dev != "cpu" && dev != "cuda") throw UsageError("--device must be cpu or cuda (got '" + dev + "')");
+  if (prec != "auto" && prec != "bf16" && prec != "fp16" && prec != "tf32" && prec != "fp32")
+    throw UsageError("--precision must be auto, bf16, fp16, tf32 or fp32 (got '" + prec + "')");
+  if (dev == "cpu") {
+    if (prec != "auto" && prec != "fp32")
+      throw UsageError("--precision " + prec + " needs --device cuda (the CPU computes in fp32)");
+    return false;
+  }
+#ifdef DISTILX_APP_CUDA
+  DISTILX_REQUIRE(error, cuda_device_available(), "--device cuda: no CUDA device is visible (check nvidia-smi and "
+                  "CUDA_VISIBLE_DEVICES), or use --device cpu");
+  using cuda_backend::MathMode;
+  const MathMode m = prec == "fp16" ? MathMode::fp16 : prec == "tf32" ? MathMode::tf32
+                   : prec == "fp32" ? MathMode::fp32 : MathMode::bf16;
+  cuda_backend::set_math_mode(m);
+  if (dc && m == MathMode::fp16) dc->loss_scale.enabled = true;
+  return true;
+#else
+  (void)dc;
+  throw error("--device cuda: this distilx was built without CUDA; configure with the CUDA toolkit installed "
+              "(nvcc found, see docs/cuda.md) or use --device cpu");
+#endif
 }
 
 struct DataPlan {
@@ -227,7 +267,8 @@ std::vector<std::string> materialise(const std::vector<std::string>& inputs, con
   return shards;
 }
 
-StudentConfig student_config_from_options(const po::variables_map& vm, const TeacherF& t) {
+template <class Teacher>
+StudentConfig student_config_from_options(const po::variables_map& vm, const Teacher& t) {
   StudentFromTeacher rule;
   const std::string blocks = vm["blocks"].as<std::string>(), heads = vm["heads"].as<std::string>();
   auto number = [](const std::string& s, const char* what) {
@@ -358,7 +399,8 @@ void write_text_atomic(const std::string& path, const std::string& text) {
 }
 
 /// Saves the student as safetensors (NX-AI names) plus <name>.config.json in NX-AI's format.
-void export_student(const StudentF& s, const std::string& path) {
+template <class S>
+void export_student(const S& s, const std::string& path) {
   io::save_student(s, path);
   std::string cfg_path = path;
   if (cfg_path.size() > 12 && cfg_path.substr(cfg_path.size() - 12) == ".safetensors") cfg_path.resize(cfg_path.size() - 12);
@@ -415,10 +457,15 @@ struct DistillOutcome {
   std::string student_path;
   double seconds = 0;
   bool interrupted = false;
+  bool root = true;  // false on the other ranks of a multi-GPU run (they print nothing)
 };
 
-/// The whole `distill` job; shared by the subcommand and the demo.
-DistillOutcome run_distill(const po::variables_map& vm, const std::string& label, bool quiet_header = false) {
+/// The whole `distill` job on one backend; shared by the subcommand and the demo.
+template <class Backend>
+DistillOutcome run_distill_on(const po::variables_map& vm, const std::string& label, DistillerConfig dc,
+                              bool quiet_header) {
+  using TeacherB = LlamaTeacher<F, Backend>;
+  using StudentB = Student<F, Backend>;
   const auto t_start = std::chrono::steady_clock::now();
   if (!vm.count("teacher")) throw UsageError("distill needs --teacher DIR");
   if (!vm.count("out")) throw UsageError("distill needs --out RUN_DIR");
@@ -426,18 +473,28 @@ DistillOutcome run_distill(const po::variables_map& vm, const std::string& label
   const bool resume = vm["resume"].as<bool>();
   DISTILX_REQUIRE(io_error, fs::is_directory(teacher_dir), "teacher directory '", teacher_dir,
                   "' does not exist (expected config.json, *.safetensors and tokenizer.json)");
-  DistillerConfig dc;
-  try {
-    dc = distiller_config_from_options(vm);
-  } catch (const config_error& e) {
-    throw UsageError(e.what());
-  }
   const std::string split = vm["text-split"].as<std::string>(), pattern = vm["pattern"].as<std::string>();
   if (split != "file" && split != "paragraph" && split != "line")
     throw UsageError("--text-split must be file, paragraph or line (got '" + split + "')");
   if (pattern != "alternate_slstm_first" && pattern != "alternate_mlstm_first" && pattern != "mlstm_only")
     throw UsageError("--pattern must be alternate_slstm_first, alternate_mlstm_first or mlstm_only (got '" + pattern + "')");
-  TeacherF teacher = TeacherF::from_pretrained(teacher_dir);
+  // Data parallelism: launched by --gpus (launch_local), mpirun, srun or RANK/WORLD_SIZE.
+  bool root = true;
+#ifdef DISTILX_APP_NCCL
+  std::shared_ptr<parallel::Communicator> comm;
+  if constexpr (std::is_same_v<Backend, distilx::cuda>)
+    if (parallel::detect_env().world_size > 1) comm = parallel::Communicator::from_environment();
+  root = !comm || comm->rank() == 0;
+  auto barrier = [&](const char* what) {  // every rank waits for the root's file work
+    if (!comm) return;
+    Buffer<float, distilx::cuda> one(1);
+    comm->all_reduce(one.data(), one.data(), 1, ncclSum, cuda_backend::current_stream());
+    comm->synchronize(what);
+  };
+#else
+  auto barrier = [](const char*) {};
+#endif
+  TeacherB teacher = TeacherB::from_pretrained(teacher_dir);
   const std::string tok_path = vm.count("tokenizer") ? vm["tokenizer"].as<std::string>()
                                                      : (fs::path(teacher_dir) / "tokenizer.json").string();
 
@@ -447,11 +504,12 @@ DistillOutcome run_distill(const po::variables_map& vm, const std::string& label
   if (has_ckpt && !resume)
     throw error("run directory '" + out + "' already holds a run; pass --resume to continue it, or choose another --out");
   if (resume && !has_ckpt) throw error("nothing to resume in '" + out + "' (no checkpoint); start it again without --resume");
-  if (!resume && fs::exists(run_json)) {  // a run that stopped before its first checkpoint: start over
+  if (root && !resume && fs::exists(run_json)) {  // a run that stopped before its first checkpoint: start over
     fs::remove(run_json);
     fs::remove_all(fs::path(out) / "data");
   }
-  fs::create_directories(out);
+  if (root) fs::create_directories(out);
+  barrier("run directory set-up");
   if (!vm.count("data") && !(resume && fs::exists(fs::path(out) / "data")))
     throw UsageError("distill needs --data FILE... (text, jsonl, .bin shards or a manifest .json)");
 
@@ -461,7 +519,8 @@ DistillOutcome run_distill(const po::variables_map& vm, const std::string& label
   const fs::path data_dir = fs::path(out) / "data";
   const std::string shard_list = (data_dir / "shards.json").string();
   index_t val_tokens = 0;
-  if (resume && fs::exists(shard_list)) {
+  if (!root) barrier("tokenizing the data on rank 0");  // the root tokenizes; the others read its list
+  if ((resume || !root) && fs::exists(shard_list)) {
     std::ifstream in(shard_list);
     nlohmann::json j;
     in >> j;
@@ -484,24 +543,43 @@ DistillOutcome run_distill(const po::variables_map& vm, const std::string& label
     write_text_atomic(shard_list, nlohmann::json{{"train", plan.shards}, {"val", v}, {"val_tokens", val_tokens}}.dump(2) + "\n");
     plan.shards.insert(plan.shards.end(), v.begin(), v.end());
   }
+  if (root) barrier("tokenizing the data on rank 0");
   data::LoaderOptions lo;
   lo.seq_len = vm["seq"].as<long>();
   lo.batch_size = vm["batch"].as<long>();
   lo.seed = vm["seed"].as<unsigned long>();
   lo.vocab_size = static_cast<std::int32_t>(teacher.vocab_size());
   lo.check_tokens_on_open = true;
+#ifdef DISTILX_APP_NCCL
+  if (comm) {
+    lo.rank = comm->rank();
+    lo.world_size = comm->world_size();
+  }
+#endif
   if (val_tokens > 0) lo.val_windows = val_tokens / (lo.seq_len + 1);
   else lo.val_fraction = vm["val-fraction"].as<double>();
   data::TokenLoader loader(plan.shards, lo);
 
   StudentConfig sc = student_config_from_options(vm, teacher);
-  StudentF student(sc);
+  StudentB student(sc);
   student.init(vm["seed"].as<unsigned long>());
   copy_frozen_from_teacher(student, teacher);
   dc.extra = {{"teacher", fs::absolute(teacher_dir).string()}};
-  Distiller<StudentF, TeacherF> d(student, teacher, loader, dc);
-  if (!quiet_header) {
-    const auto counts = StudentF::count(sc);
+  Distiller<StudentB, TeacherB> d(student, teacher, loader, dc);
+  const std::string zero = vm["zero"].as<std::string>();
+  if (zero != "replicate" && zero != "zero1") throw UsageError("--zero must be replicate or zero1 (got '" + zero + "')");
+#ifdef DISTILX_APP_NCCL
+  if constexpr (std::is_same_v<Backend, distilx::cuda>) {
+    if (comm) {
+      parallel::DataParallelOptions po;
+      po.mode = zero == "zero1" ? parallel::ShardingMode::zero1 : parallel::ShardingMode::replicate;
+      po.adamw = dc.adamw;
+      d.set_data_parallel(std::make_shared<parallel::NcclDataParallel<F>>(comm, student, po));
+    }
+  }
+#endif
+  if (!quiet_header && root) {
+    const auto counts = StudentB::count(sc);
     std::fprintf(stderr,
                  "%s teacher %s: %s, %lld layers, d %lld, V %lld | student: %lld blocks (sLSTM at %zu of them), %lld "
                  "heads, %lld trainable / %lld total parameters | %lld train + %lld val windows of %ld tokens\n",
@@ -515,10 +593,12 @@ DistillOutcome run_distill(const po::variables_map& vm, const std::string& label
     const auto cks = io::list_checkpoints(out);
     DISTILX_REQUIRE(error, !cks.empty(), "no checkpoint in '", out, "' to resume from");
     d.resume(cks.back().second);
-    std::fprintf(stderr, "%s resumed from %s at step %lld\n", label.c_str(), cks.back().second.c_str(),
-                 (long long)d.step_count());
-    app::truncate_metrics(out, d.step_count());
-  } else {
+    if (root) {
+      std::fprintf(stderr, "%s resumed from %s at step %lld\n", label.c_str(), cks.back().second.c_str(),
+                   (long long)d.step_count());
+      app::truncate_metrics(out, d.step_count());
+    }
+  } else if (root) {
     nlohmann::json rj = d.run_config();
     write_text_atomic(run_json, rj.dump(2) + "\n");
   }
@@ -527,18 +607,34 @@ DistillOutcome run_distill(const po::variables_map& vm, const std::string& label
   d.add_callback(std::make_shared<app::MetricsWriter>(out, resume));
   d.train();
   DistillOutcome r;
+  r.root = root;
   r.interrupted = app::interrupted().load();
-  if (r.interrupted) {
+  if (r.interrupted && root) {
     std::fprintf(stderr, "%s interrupted at step %lld: checkpoint saved in %s; continue with --resume\n", label.c_str(),
                  (long long)d.step_count(), out.c_str());
-    return r;
   }
+  if (r.interrupted) return r;
   if (loader.val_batches() > 0) r.eval = d.last_eval_step() == d.step_count() ? d.last_eval() : d.evaluate(dc.eval_batches);
   r.has_eval = loader.val_batches() > 0;
   r.student_path = (fs::path(out) / "student.safetensors").string();
-  export_student(student, r.student_path);
+  if (root) export_student(student, r.student_path);
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   return r;
+}
+
+DistillOutcome run_distill(const po::variables_map& vm, const std::string& label, bool quiet_header = false) {
+  DistillerConfig dc;
+  try {
+    dc = distiller_config_from_options(vm);
+  } catch (const config_error& e) {
+    throw UsageError(e.what());
+  }
+  if (apply_device(vm, &dc)) {
+#ifdef DISTILX_APP_CUDA
+    return run_distill_on<distilx::cuda>(vm, label, dc, quiet_header);
+#endif
+  }
+  return run_distill_on<cpu>(vm, label, dc, quiet_header);
 }
 
 const char* kDistillUsage =
@@ -556,7 +652,20 @@ int cmd_distill(int argc, char** argv) {
     return 0;
   }
   apply_threads(vm);
+  const int gpus = vm["gpus"].as<int>();
+  if (gpus < 1) throw UsageError("--gpus must be >= 1 (got " + std::to_string(gpus) + ")");
+  if (gpus > 1) {
+    if (vm["device"].as<std::string>() != "cuda") throw UsageError("--gpus " + std::to_string(gpus) + " needs --device cuda");
+#ifdef DISTILX_APP_NCCL
+    // The parent starts one worker per GPU (this program again, with RANK/WORLD_SIZE/LOCAL_RANK
+    // set) and waits; the workers see is_launched_worker() and train.
+    if (!parallel::is_launched_worker()) return parallel::launch_local(gpus, argc + 1, argv - 1);
+#else
+    throw error("--gpus needs a distilx built with NCCL (found with the CUDA toolkit; set NCCL_ROOT), see docs/distributed.md");
+#endif
+  }
   const DistillOutcome r = run_distill(vm, "[distill]");
+  if (!r.root) return r.interrupted ? 130 : 0;
   if (r.interrupted) return 130;
   if (r.has_eval)
     std::printf("student: held-out perplexity %.3f (teacher %.3f), KL(t||s) %.4f, top-1 %.3f\n", r.eval.student_ppl,
@@ -874,7 +983,9 @@ int cmd_demo(int argc, char** argv) {
   desc.add(common_options());
   desc.add_options()("out", po::value<std::string>()->default_value("distilx-demo"), "demo output directory")(
       "steps", po::value<long>()->default_value(250), "optimizer steps per student")(
-      "skip-baseline", po::bool_switch(), "do not train the CE-only comparison student");
+      "skip-baseline", po::bool_switch(), "do not train the CE-only comparison student")(
+      "device", po::value<std::string>()->default_value("cpu"), "cpu or cuda")(
+      "precision", po::value<std::string>()->default_value("auto"), "GPU math: auto (= bf16), bf16, fp16, tf32 or fp32");
   const auto vm = parse(argc, argv, desc);
   if (help_requested(vm, desc, "Usage: distilx [demo] [--steps N] [--out DIR]\n"
                                 "Distils the bundled teacher (a small Qwen2 trained on the King James Bible) into an\n"
@@ -883,6 +994,8 @@ int cmd_demo(int argc, char** argv) {
   if (vm.count("print-config")) return print_config(vm, desc), 0;
   apply_threads(vm);
   const std::string assets = demo_dir(), out = vm["out"].as<std::string>();
+  const std::string device = vm["device"].as<std::string>(), precision = vm["precision"].as<std::string>();
+  apply_device(vm, nullptr);  // usage errors before any work
   const long steps = vm["steps"].as<long>();
   if (fs::exists(out)) {
     DISTILX_REQUIRE(error, fs::exists(fs::path(out) / ".distilx-demo"), "'", out,
@@ -893,7 +1006,8 @@ int cmd_demo(int argc, char** argv) {
   std::ofstream(fs::path(out) / ".distilx-demo") << "created by distilx demo\n";
   std::fprintf(stderr,
                "distilx demo: Δ-distillation of a Qwen2 teacher (4 layers, d 192, trained on the King James Bible)\n"
-               "into a 4-block xLSTM student on the CPU, then a CE-only student with the same budget.\n\n");
+               "into a 4-block xLSTM student on the %s, then a CE-only student with the same budget.\n\n",
+               device == "cuda" ? "GPU" : "CPU");
   auto student_args = [&](const std::string& run, bool ce_only) {
     std::vector<std::string> a = {"distilx",
                                   "--teacher", (fs::path(assets) / "teacher").string(),
@@ -904,7 +1018,8 @@ int cmd_demo(int argc, char** argv) {
                                   "--lr", "3e-3", "--warmup", "0.05", "--min-lr-ratio", "0.1", "--weight-decay", "0.01",
                                   "--blocks", "4", "--heads", "4", "--qkv-blocksize", "16", "--ffn-factor", "1.3",
                                   "--eval-batches", "0", "--checkpoint-every", "0", "--keep", "1",
-                                  "--log-every", "5", "--seed", "7", "--delta", "0.05"};
+                                  "--log-every", "5", "--seed", "7", "--delta", "0.05",
+                                  "--device", device, "--precision", precision};
     if (ce_only) a.insert(a.end(), {"--schedule", "fixed", "--kl-weight", "0", "--alignment", "none"});
     return a;
   };
