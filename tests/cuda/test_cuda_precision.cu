@@ -232,7 +232,7 @@ BOOST_AUTO_TEST_CASE(gemm_strided_batched_every_mode) {
     for (Trans ta : {Trans::no, Trans::yes})
       for (Trans tb : {Trans::no, Trans::yes})
         for (float beta : {0.f, 1.f}) {
-          const index_t M = 21, N = 23, K = 167, batch = 5;
+          const index_t M = 41, N = 43, K = 167, batch = 5;
           const index_t lda = ta == Trans::no ? K : M, ldb = tb == Trans::no ? N : K;
           const index_t sa = M * K + 7, sb = K * N + 3, sc = M * N + 5;
           check_batched("padded batches", ta, tb, M, N, K, lda, sa, ldb, sb, N, sc, batch, sa * batch, sb * batch,
@@ -240,7 +240,7 @@ BOOST_AUTO_TEST_CASE(gemm_strided_batched_every_mode) {
         }
     // Headwise layer: x [M, P*I] read as P interleaved column blocks, W [P, O, I], y [M, P*O].
     {
-      const index_t M = 50, P = 4, I = 136, O = 24;
+      const index_t M = 50, P = 4, I = 136, O = 40;
       check_batched("headwise", Trans::no, Trans::yes, M, O, I, P * I, I, I, O * I, P * O, O, P, M * P * I,
                     P * O * I, M * P * O, 0.f);
       // ... and its weight gradient dW_p += dy_p^T x_p (M is the inner dimension).
@@ -248,14 +248,14 @@ BOOST_AUTO_TEST_CASE(gemm_strided_batched_every_mode) {
                     M * P * I, P * O * I, 1.f);
     }
     // One B shared by every batch (stride 0).
-    check_batched("shared B", Trans::no, Trans::no, 17, 19, 150, 150, 17 * 150, 19, 0, 19, 17 * 19, 3, 3 * 17 * 150,
-                  150 * 19, 3 * 17 * 19, 0.f);
+    check_batched("shared B", Trans::no, Trans::no, 37, 39, 150, 150, 37 * 150, 39, 0, 39, 37 * 39, 3, 3 * 37 * 150,
+                  150 * 39, 3 * 37 * 39, 0.f);
     check_stats("gemm_strided_batched", m, st);
   }
 }
 
 BOOST_AUTO_TEST_CASE(thin_products_stay_fp32_unless_cached) {
-  // min(M, N, K) <= 16 is memory-bound: fp32 unless cached 16-bit operands cut the bytes read.
+  // min(M, N, K) <= 32 is memory-bound: fp32 unless cached 16-bit operands cut the bytes read.
   Rng rng(15);
   {  // gate pre-activations: x [M, K] W^T with W [16, K]; nothing cached -> exact fp32
     const index_t M = 300, N = 16, K = 192;
@@ -447,7 +447,7 @@ BOOST_AUTO_TEST_CASE(cache_trainable_range) {
   // Headwise weights inside the range, read by a strided batched product (A from the cache).
   {
     ModeScope scope(MathMode::bf16);
-    const index_t Pn = 4, I = 32, O = 24, rows = 24, woff = 1000;
+    const index_t Pn = 4, I = 48, O = 40, rows = 40, woff = 1000;
     const auto x = randf(rows * Pn * I, rng);
     auto dx = to_dev(x);
     // y^T-style: y_p^T [O, rows] = W_p [O, I] x_p^T, with W_p = P + woff + p O I.

@@ -17,7 +17,7 @@
 //  - otherwise a conversion kernel packs the operand (rows x cols, any ld / batch stride) into
 //    stream-ordered scratch of this thread (two slots, one per operand), row pitch rounded up to
 //    8 elements (16 bytes) so cuBLAS can use its vectorised tensor-core kernels.
-// Thin products (min(M, N, K) <= 16) are memory-bound and stay fp32 unless cached 16-bit
+// Thin products (min(M, N, K) <= 32) are memory-bound and stay fp32 unless cached 16-bit
 // operands make them read fewer bytes (detail::thin_product_prefers_fp32); among them are the
 // mLSTM gate pre-activations, which the precision policy keeps fp32 anyway.
 // fp16 conversion overflows to +-inf beyond 65504 (no saturation), so a dynamic loss scaler sees
@@ -506,8 +506,10 @@ inline index_t elements(const Operand& o) { return (o.stride == 0 ? 1 : o.batch)
 /// bytes: an uncached operand costs 8 bytes per element there (read 4, write 2, read 2) against
 /// 4 in fp32, a cached one 2. So a thin product runs in fp32 unless cached operands dominate
 /// (cached elements > 2x uncached ones, e.g. the cached LM head applied to a few rows). This
-/// also keeps the mLSTM gate pre-activations fp32, as the precision policy asks.
-constexpr index_t kThinDim = 16;
+/// also keeps the mLSTM gate pre-activations fp32, as the precision policy asks, and the
+/// headwise q/k/v projections (blocks of 32): reading them at fp32 costs no time, and their
+/// rounding was what pushed the mLSTM gate-parameter gradients past 2e-2 in bf16.
+constexpr index_t kThinDim = 32;
 inline bool thin_product_prefers_fp32(index_t M, index_t N, index_t K, const Operand& a, const Operand& b) {
   if (std::min({M, N, K}) > kThinDim) return false;
   index_t cached = 0, uncached = 0;
