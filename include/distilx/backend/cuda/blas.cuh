@@ -207,45 +207,6 @@ inline void convert_flat(void* dst, const float* src, index_t n, MathMode mode) 
   DISTILX_CUDA_LAUNCH_CHECK();
 }
 
-/// Per-thread, per-stream scratch with a fixed number of independent slots (the two operands
-/// of one product). Work on the slots is ordered by the stream, so the next product reuses them
-/// without synchronising; a slot that must grow waits for its stream once and returns the old
-/// block to the caching allocator (geometric growth: a handful of such waits per process).
-template <int Slots>
-class SlotScratch {
- public:
-  SlotScratch() = default;
-  SlotScratch(const SlotScratch&) = delete;
-  SlotScratch& operator=(const SlotScratch&) = delete;
-  ~SlotScratch() {
-    for (auto& kv : streams_)
-      for (auto& sl : kv.second) CachingAllocator::instance().deallocate(sl.ptr);
-  }
-  void* get(int slot, std::size_t bytes) {
-    const cudaStream_t s = current_stream();
-    Slot& sl = streams_[s][slot];
-    if (sl.bytes < bytes) {
-      if (sl.ptr) {
-        DISTILX_CUDA_CHECK(cudaStreamSynchronize(s));
-        CachingAllocator::instance().deallocate(sl.ptr);
-        sl.ptr = nullptr;
-        sl.bytes = 0;
-      }
-      const std::size_t want = std::max<std::size_t>(bytes, std::max<std::size_t>(sl.bytes + sl.bytes / 2, 4096));
-      sl.ptr = CachingAllocator::instance().allocate(want);
-      sl.bytes = want;
-    }
-    return sl.ptr;
-  }
-
- private:
-  struct Slot {
-    void* ptr = nullptr;
-    std::size_t bytes = 0;
-  };
-  std::map<cudaStream_t, std::array<Slot, Slots>> streams_;
-};
-
 inline void* operand_scratch(int slot, std::size_t bytes) {
   thread_local SlotScratch<2> s;
   return s.get(slot, bytes);

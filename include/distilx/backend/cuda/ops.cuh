@@ -31,49 +31,13 @@
 
 namespace distilx::cuda_backend {
 
-namespace detail {
-/// Scratch memory of one host thread for one stream: kernels that use it are ordered by that
-/// stream, so a later op can reuse it without synchronising. Grows geometrically; the old block
-/// goes back to the caching allocator only after the stream has drained.
-class Scratch {
- public:
-  Scratch() = default;
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  ~Scratch() {
-    for (auto& kv : slots_) CachingAllocator::instance().deallocate(kv.second.ptr);
-  }
-  void* get(std::size_t bytes) {
-    const cudaStream_t s = current_stream();
-    Slot& sl = slots_[s];
-    if (sl.bytes < bytes) {
-      if (sl.ptr) {
-        DISTILX_CUDA_CHECK(cudaStreamSynchronize(s));
-        CachingAllocator::instance().deallocate(sl.ptr);
-        sl.ptr = nullptr;
-        sl.bytes = 0;
-      }
-      const std::size_t want = std::max<std::size_t>(bytes, std::max<std::size_t>(2 * sl.bytes, 4096));
-      sl.ptr = CachingAllocator::instance().allocate(want);
-      sl.bytes = want;
-    }
-    return sl.ptr;
-  }
-
- private:
-  struct Slot {
-    void* ptr = nullptr;
-    std::size_t bytes = 0;
-  };
-  std::map<cudaStream_t, Slot> slots_;
-};
-}  // namespace detail
 
 /// n elements of T of this thread's scratch for current_stream(); valid until the next call.
 template <class T>
 T* scratch(index_t n) {
-  thread_local detail::Scratch s;
-  return static_cast<T*>(s.get(sizeof(T) * static_cast<std::size_t>(std::max<index_t>(n, 1))));
+  // Ordered by the stream, so a later op reuses it without synchronising (memory.cuh).
+  thread_local detail::SlotScratch<1> s;
+  return static_cast<T*>(s.get(0, sizeof(T) * static_cast<std::size_t>(std::max<index_t>(n, 1))));
 }
 
 namespace kernels {
