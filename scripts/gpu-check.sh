@@ -14,7 +14,7 @@ STAGE=${STAGE_DIR:-.gpu}   # where stage puts (and run finds) the binaries
 if [ "$mode" = stage ]; then
   set -e
   BUILD=${BUILD_DIR:-build}
-  cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DDISTILX_ENABLE_CUDA=ON > /dev/null
+  cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DDISTILX_ENABLE_CUDA=ON -DDISTILX_BUILD_CUDA_BENCH=ON > /dev/null
   # STAGE_TARGETS=all: the tests, every CUDA benchmark and the app (the full check).
   targets=${STAGE_TARGETS:-"distilx_cuda_tests cuda_student_bench"}
   [ "$targets" = all ] && targets="distilx_cuda_tests cuda_student_bench cuda_loss_bench cuda_teacher_bench paper_step_bench distilx_app"
