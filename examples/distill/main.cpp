@@ -566,8 +566,7 @@ DistillOutcome run_distill_on(const po::variables_map& vm, const std::string& la
   copy_frozen_from_teacher(student, teacher);
   dc.extra = {{"teacher", fs::absolute(teacher_dir).string()}};
   Distiller<StudentB, TeacherB> d(student, teacher, loader, dc);
-  const std::string zero = vm["zero"].as<std::string>();
-  if (zero != "replicate" && zero != "zero1") throw UsageError("--zero must be replicate or zero1 (got '" + zero + "')");
+  [[maybe_unused]] const std::string zero = vm["zero"].as<std::string>();  // checked by cmd_distill
 #ifdef DISTILX_APP_NCCL
   if constexpr (std::is_same_v<Backend, distilx::cuda>) {
     if (comm) {
@@ -654,6 +653,8 @@ int cmd_distill(int argc, char** argv) {
   apply_threads(vm);
   const int gpus = vm["gpus"].as<int>();
   if (gpus < 1) throw UsageError("--gpus must be >= 1 (got " + std::to_string(gpus) + ")");
+  const std::string zero = vm["zero"].as<std::string>();
+  if (zero != "replicate" && zero != "zero1") throw UsageError("--zero must be replicate or zero1 (got '" + zero + "')");
   if (gpus > 1) {
     if (vm["device"].as<std::string>() != "cuda") throw UsageError("--gpus " + std::to_string(gpus) + " needs --device cuda");
 #ifdef DISTILX_APP_NCCL

@@ -32,6 +32,19 @@ expect missing_teacher 1 "$BIN" distill --teacher "$WORK/nope" --data train.txt 
 has missing_teacher_msg "does not exist" missing_teacher.err
 [ "$(wc -l < missing_teacher.err)" -eq 1 ] && ok "missing_teacher one line" || bad "missing_teacher: not one line" missing_teacher.err
 
+# Device options: usage errors exit 2; a GPU run where there is no GPU (or no CUDA build) fails
+# with one clear line (exit 1).
+expect bad_device 2 "$BIN" distill "${SMALL[@]}" --out rdev --device tpu; has bad_device_msg "device must be cpu or cuda" bad_device.err
+expect precision_on_cpu 2 "$BIN" distill "${SMALL[@]}" --out rdev --precision bf16
+has precision_on_cpu_msg "needs --device cuda" precision_on_cpu.err
+expect gpus_on_cpu 2 "$BIN" distill "${SMALL[@]}" --out rdev --gpus 2; has gpus_on_cpu_msg "needs --device cuda" gpus_on_cpu.err
+expect bad_zero 2 "$BIN" distill "${SMALL[@]}" --out rdev --zero zero3; has bad_zero_msg "zero must be replicate or zero1" bad_zero.err
+if ! nvidia-smi -L > /dev/null 2>&1; then
+  expect cuda_without_gpu 1 "$BIN" distill "${SMALL[@]}" --out rdev --device cuda
+  if grep -q "no CUDA device is visible" cuda_without_gpu.err || grep -q "built without CUDA" cuda_without_gpu.err; then
+    ok "cuda_without_gpu message"; else bad "cuda_without_gpu message" cuda_without_gpu.err; fi
+fi
+
 # Config files: unknown keys are usage errors; --print-config round-trips.
 printf 'steps = 5\nbogus-key = 1\n' > bad.ini
 expect config_unknown_key 2 "$BIN" distill --config bad.ini --print-config; has config_unknown_msg "bogus-key" config_unknown_key.err
