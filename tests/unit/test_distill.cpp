@@ -7,8 +7,13 @@
 #include <boost/test/unit_test.hpp>
 
 #include <cmath>
+#include <condition_variable>
+#include <exception>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <mutex>
+#include <thread>
 
 #include "distilx/data/shards.hpp"
 #include "distilx/distill/callbacks.hpp"
@@ -130,9 +135,229 @@ std::vector<double> run_steps(Distiller<Stu, Teacher>& d, index_t n) {
   return out;
 }
 
+/// Data parallelism among threads of one process, for testing the Distiller's side of the
+/// DataParallel contract on the CPU (the NCCL implementation lives in distilx/parallel/).
+class ThreadGroup {
+ public:
+  explicit ThreadGroup(int n) : n_(n), slots_(static_cast<std::size_t>(n)), fslots_(static_cast<std::size_t>(n)) {}
+  int size() const { return n_; }
+  void barrier() {
+    std::unique_lock<std::mutex> lk(m_);
+    const long gen = gen_;
+    if (++arrived_ == n_) {
+      arrived_ = 0;
+      ++gen_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lk, [&] { return gen_ != gen; });
+    }
+  }
+  /// Every rank passes `count` doubles; afterwards each holds the combination f over ranks.
+  void combine(int rank, double* v, int count, const std::function<double(const std::vector<const double*>&, int)>& f) {
+    slots_[static_cast<std::size_t>(rank)] = v;
+    barrier();
+    if (rank == 0) {
+      result_.assign(static_cast<std::size_t>(count), 0.0);
+      std::vector<const double*> all(slots_.begin(), slots_.end());
+      for (int i = 0; i < count; ++i) result_[static_cast<std::size_t>(i)] = f(all, i);
+    }
+    barrier();
+    std::copy(result_.begin(), result_.end(), v);
+    barrier();
+  }
+  /// Element-wise mean of a float buffer over ranks, in rank order.
+  void mean(int rank, float* g, index_t n) {
+    fslots_[static_cast<std::size_t>(rank)] = g;
+    barrier();
+    if (rank == 0) {
+      fresult_.assign(static_cast<std::size_t>(n), 0.0f);
+      for (index_t i = 0; i < n; ++i) {
+        float acc = 0;
+        for (int r = 0; r < n_; ++r) acc += fslots_[static_cast<std::size_t>(r)][i];
+        fresult_[static_cast<std::size_t>(i)] = acc / float(n_);
+      }
+    }
+    barrier();
+    std::copy(fresult_.begin(), fresult_.end(), g);
+    barrier();
+  }
+
+ private:
+  int n_;
+  std::mutex m_;
+  std::condition_variable cv_;
+  int arrived_ = 0;
+  long gen_ = 0;
+  std::vector<double*> slots_;
+  std::vector<double> result_;
+  std::vector<float*> fslots_;
+  std::vector<float> fresult_;
+};
+
+class ThreadDataParallel final : public DataParallel<float> {
+ public:
+  ThreadDataParallel(ThreadGroup& g, int rank) : g_(g), rank_(rank) {}
+  int rank() const override { return rank_; }
+  int world_size() const override { return g_.size(); }
+  void check_same_on_all_ranks(const std::string& what, std::uint64_t fp) override {
+    double v[2] = {double(fp >> 32), double(fp & 0xffffffffu)};
+    double lo[2] = {v[0], v[1]}, hi[2] = {v[0], v[1]};
+    auto mn = [](const std::vector<const double*>& a, int i) {
+      double m = a[0][i];
+      for (const double* p : a) m = std::min(m, p[i]);
+      return m;
+    };
+    auto mx = [](const std::vector<const double*>& a, int i) {
+      double m = a[0][i];
+      for (const double* p : a) m = std::max(m, p[i]);
+      return m;
+    };
+    g_.combine(rank_, lo, 2, mn);
+    g_.combine(rank_, hi, 2, mx);
+    if (lo[0] != hi[0] || lo[1] != hi[1]) throw config_error("ranks differ in their " + what);
+  }
+  void reduce_gradients(float* g, index_t n) override { g_.mean(rank_, g, n); }
+  double grad_sum_squares(const float* g, index_t n) override { return ops::sum_squares(cpu{}, g, n); }
+  void all_reduce_sum(double* v, int count) override {
+    g_.combine(rank_, v, count, [](const std::vector<const double*>& a, int i) {
+      double s = 0;
+      for (const double* p : a) s += p[i];
+      return s;
+    });
+  }
+  void barrier() override { g_.barrier(); }
+
+ private:
+  ThreadGroup& g_;
+  int rank_;
+};
+
+struct CountingCallback : DistillerCallback {
+  int steps = 0;
+  void on_step(const StepReport&) override { ++steps; }
+};
+
 }  // namespace
 
 BOOST_AUTO_TEST_SUITE(distill)
+
+// Two data-parallel ranks of B rows must follow one rank of 2B rows (the loader deals each
+// global batch's windows to the ranks), and only rank 0 reports; a checkpoint written by the
+// 2-rank run resumes on 1 rank; ranks with different configurations are refused at start-up.
+BOOST_AUTO_TEST_CASE(data_parallel_ranks_follow_one_rank) {
+  Fixture fx;
+  const index_t steps = 6;
+  auto loader_for = [&](index_t B, int rank, int world) {
+    data::LoaderOptions o;
+    o.seq_len = 32;
+    o.batch_size = B;
+    o.seed = 5;
+    o.vocab_size = 48;
+    o.val_windows = 16;
+    o.rank = rank;
+    o.world_size = world;
+    return data::TokenLoader({fx.shard}, o);
+  };
+  DistillerConfig cfg = Fixture::config(steps);
+  // One rank, B 4: the reference, with a checkpoint after step 3.
+  auto l1 = loader_for(4, 0, 1);
+  Stu s1 = fx.student();
+  Distiller<Stu, Teacher> d1(s1, fx.teacher, l1, cfg);
+  const auto ref = run_steps(d1, steps);
+  const EvalReport ref_eval = d1.evaluate();
+
+  // Two ranks, B 2 each, in two threads.
+  ThreadGroup group(2);
+  std::vector<std::vector<double>> losses(2);
+  std::vector<std::vector<float>> params(2);
+  std::vector<int> reported(2);
+  std::vector<EvalReport> evals(2);
+  std::exception_ptr err[2];
+  const std::string ck = (fx.dir / "dp_step3.dxc").string();
+  auto rank_main = [&](int r) {
+    try {
+      auto l = loader_for(2, r, 2);
+      Stu s = fx.student();
+      Teacher teacher = fx.teacher;  // each rank its own (the teacher's workspace is per object)
+      Distiller<Stu, Teacher> d(s, teacher, l, cfg);
+      auto count = std::make_shared<CountingCallback>();
+      d.add_callback(count);
+      d.set_data_parallel(std::make_shared<ThreadDataParallel>(group, r));
+      for (index_t i = 0; i < steps; ++i) {
+        losses[std::size_t(r)].push_back(d.step().loss.total);
+        if (d.step_count() == 3) {
+          d.save(ck);  // collective: rank 0 writes
+          group.barrier();
+        }
+      }
+      evals[std::size_t(r)] = d.evaluate();
+      params[std::size_t(r)] = s.params_to_host();
+      reported[std::size_t(r)] = count->steps;
+    } catch (...) {
+      err[r] = std::current_exception();
+    }
+  };
+  std::thread t1(rank_main, 1);
+  rank_main(0);
+  t1.join();
+  for (auto& e : err)
+    if (e) std::rethrow_exception(e);
+  double worst = 0;
+  for (int r = 0; r < 2; ++r)
+    for (index_t i = 0; i < steps; ++i) {
+      const double e = std::abs(losses[std::size_t(r)][std::size_t(i)] - ref[std::size_t(i)]) / std::abs(ref[std::size_t(i)]);
+      BOOST_TEST_INFO("rank " << r << " step " << i + 1);
+      BOOST_CHECK_LE(e, 1e-5);
+      worst = std::max(worst, e);
+    }
+  // The loss curve is the contract (1e-5); the weights drift a little more, as AdamW's
+  // normalised step turns rounding-level gradient differences on near-zero gradients into
+  // update differences of order lr.
+  const double pe = relative_error(params[0].data(), s1.params(), s1.flat_size());
+  BOOST_CHECK_LE(pe, 1e-4);
+  BOOST_CHECK(params[0] == params[1]);  // every rank took the same update
+  BOOST_CHECK_LE(std::abs(evals[0].student_ppl - ref_eval.student_ppl) / ref_eval.student_ppl, 1e-5);
+  BOOST_CHECK_EQUAL(evals[0].tokens, ref_eval.tokens);
+  BOOST_CHECK_EQUAL(reported[0], steps);
+  BOOST_CHECK_EQUAL(reported[1], 0);
+  BOOST_TEST_MESSAGE("2 ranks x B 2 vs 1 rank x B 4: worst loss difference " << worst << ", weights " << pe);
+
+  // The 2-rank checkpoint resumes on one rank of B 4 and continues the reference run.
+  auto l3 = loader_for(4, 0, 1);
+  Stu s3 = fx.student();
+  Distiller<Stu, Teacher> d3(s3, fx.teacher, l3, cfg);
+  d3.resume(ck);
+  BOOST_CHECK_EQUAL(d3.step_count(), 3);
+  const auto rest = run_steps(d3, steps - 3);
+  for (index_t i = 0; i < steps - 3; ++i)
+    BOOST_CHECK_LE(std::abs(rest[std::size_t(i)] - ref[std::size_t(i + 3)]) / std::abs(ref[std::size_t(i + 3)]), 1e-5);
+
+  // Different learning rates on the two ranks: refused on both, before any step.
+  ThreadGroup g2(2);
+  std::exception_ptr e2[2];
+  auto bad_rank = [&](int r) {
+    try {
+      auto l = loader_for(2, r, 2);
+      Stu s = fx.student();
+      DistillerConfig c = cfg;
+      c.adamw.lr = r == 0 ? 1e-3 : 2e-3;
+      Teacher teacher = fx.teacher;
+      Distiller<Stu, Teacher> d(s, teacher, l, c);
+      d.set_data_parallel(std::make_shared<ThreadDataParallel>(g2, r));
+    } catch (...) {
+      e2[r] = std::current_exception();
+    }
+  };
+  std::thread t2(bad_rank, 1);
+  bad_rank(0);
+  t2.join();
+  for (auto& e : e2) {
+    BOOST_REQUIRE_MESSAGE(e, "a rank with a different configuration was not refused");
+    BOOST_CHECK_EXCEPTION(std::rethrow_exception(e), config_error, [](const config_error& x) {
+      return std::string(x.what()).find("run configuration") != std::string::npos;
+    });
+  }
+}
 
 BOOST_AUTO_TEST_CASE(loss_decreases_and_distillation_beats_ce_only) {
   Fixture fx;
