@@ -12,19 +12,12 @@
 #include <vector>
 
 #include "distilx/cuda.cuh"
+#include "cuda_bench_util.cuh"
 
 using namespace distilx;
+using bench::time_ms;
 
 namespace {
-
-double time_ms(const std::function<void()>& f, int iters) {
-  f();
-  DISTILX_CUDA_CHECK(cudaDeviceSynchronize());
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < iters; ++i) f();
-  DISTILX_CUDA_CHECK(cudaDeviceSynchronize());
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / iters;
-}
 
 __global__ void fill_kernel(float* x, index_t n, std::uint64_t seed, float scale) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;

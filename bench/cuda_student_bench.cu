@@ -12,20 +12,13 @@
 #include <vector>
 
 #include "distilx/cuda.cuh"
+#include "cuda_bench_util.cuh"
 
 using namespace distilx;
+using bench::time_ms;
 using cuda_backend::MathMode;
 
 namespace {
-double time_ms(const std::function<void()>& f, int iters) {
-  f();
-  DISTILX_CUDA_CHECK(cudaDeviceSynchronize());
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < iters; ++i) f();
-  DISTILX_CUDA_CHECK(cudaDeviceSynchronize());
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / iters;
-}
-
 /// y[M,N] = x[M,K] W[N,K]^T in each mode through ops::gemm, with W cached in bf16, and as a
 /// bare cublasGemmEx on bf16 operands converted beforehand (the cuBLAS ceiling for the shape).
 void gemm_baseline(index_t M, index_t N, index_t K, int iters) {

@@ -18,20 +18,13 @@
 #include <nlohmann/json.hpp>
 
 #include "distilx/cuda.cuh"
+#include "cuda_bench_util.cuh"
 
 using namespace distilx;
+using bench::time_ms;
 using cuda_backend::MathMode;
 
 namespace {
-
-double time_ms(const std::function<void()>& f, int iters) {
-  f();  // warm-up (allocations, operand cache, cuBLAS heuristics)
-  DISTILX_CUDA_CHECK(cudaDeviceSynchronize());
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < iters; ++i) f();
-  DISTILX_CUDA_CHECK(cudaDeviceSynchronize());
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / iters;
-}
 
 /// Fills x[n] with a + sd * u, u uniform with unit variance (a counter hash: fast, reproducible).
 __global__ void fill_kernel(float* x, index_t n, float a, float sd, std::uint64_t seed) {

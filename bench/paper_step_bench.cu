@@ -19,8 +19,10 @@
 #include <nlohmann/json.hpp>
 
 #include "distilx/cuda.cuh"
+#include "cuda_bench_util.cuh"
 
 using namespace distilx;
+using bench::wall_ms;
 namespace fs = std::filesystem;
 using Dev = distilx::cuda;
 using cuda_backend::MathMode;
@@ -56,14 +58,6 @@ struct Timer {
     return t;
   }
 };
-
-double wall_ms(const std::function<void()>& f, int iters) {
-  DISTILX_CUDA_CHECK(cudaDeviceSynchronize());
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < iters; ++i) f();
-  DISTILX_CUDA_CHECK(cudaDeviceSynchronize());
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / iters;
-}
 
 double used_gib() {
   std::size_t free_b = 0, total_b = 0;

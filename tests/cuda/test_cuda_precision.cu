@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "distilx/cuda.cuh"
+#include "cuda_test_util.cuh"
 #include "distilx/testing/gradcheck.hpp"
 
 using namespace distilx;
@@ -504,14 +505,8 @@ std::vector<float> dev_to_host(const float* p, index_t n) {
 void compare_student_bf16(StudentConfig c, index_t B, index_t S, double tol) {
   Student<float> cpu_s(c);
   Student<float, distilx::cuda> gpu_s(c);
-  cpu_s.init(5);
-  std::vector<float> p = cpu_s.params_to_host();
   Rng rng(9);
-  for (auto& x : p) x += static_cast<float>(0.02 * rng.normal());
-  cpu_s.set_params(p.data());
-  gpu_s.set_params(p.data());
-  gpu_s.set_embedding(cpu_s.embedding_to_host().data());
-  gpu_s.set_head(cpu_s.head_to_host().data());
+  testing::make_twin_students(cpu_s, gpu_s, rng);
   std::vector<std::int32_t> tok(static_cast<std::size_t>(B * S));
   for (auto& t : tok) t = static_cast<std::int32_t>(rng.below(static_cast<std::uint64_t>(c.vocab_size)));
   const index_t M = B * S, d = c.embedding_dim, V = c.vocab_size;
