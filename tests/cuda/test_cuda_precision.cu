@@ -605,8 +605,8 @@ BOOST_AUTO_TEST_CASE(blocks_bf16_match_cpu) {
 
 // The whole 6-block stack: rounding errors of 16-bit operands add up through the blocks, and
 // the mLSTM gate-parameter gradients (sums over every token of a cancelling term) are the most
-// sensitive tensors. Measured on an H100: worst 2.26e-2 (blocks.5 igate.bias), every other
-// tensor <= 1.9e-2; hence 3e-2 for the stack.
+// sensitive tensors. Measured on an H100: worst 2.26e-2 (blocks.5 igate.bias), and every
+// tensor above 1.8e-2 was an mLSTM igate/fgate parameter gradient; hence 3e-2 for the stack.
 BOOST_AUTO_TEST_CASE(student_bf16_matches_cpu) {
   StudentConfig c = StudentConfig::paper(512, 1536);
   compare_student_bf16(c, 2, 48, 3e-2);  // parallel mLSTM form
