@@ -10,8 +10,8 @@
 #                                         equivalence and 2 -> 1 GPU resume), an mpirun smoke test
 #                                         when Open MPI is there, and the scaling measurement on
 #                                         1, 2 (and 4) GPUs; prints summary tables
-# Environment: BUILD_DIR (stage, default build-nccl), JOBS (stage, default 1), DISTILLER=ON (stage:
-# also build the Distiller equivalence test), OUT (run: log directory, default /tmp/nccl-check),
+# Environment: BUILD_DIR (stage, default build-nccl), JOBS (stage, default 1), DISTILLER=OFF (stage:
+# leave out the Distiller equivalence test), OUT (run: log directory, default /tmp/nccl-check),
 # BENCH_STEPS (default 10), BENCH_TF32 (default 1), BENCH_BATCH / BENCH_SEQ (per GPU, default 16 x 512),
 # ONLY=tests or ONLY=bench (run one half, e.g. to stay inside a 10-minute command limit).
 set -uo pipefail
@@ -23,12 +23,13 @@ if [ "$mode" = stage ]; then
   set -e
   BUILD=${BUILD_DIR:-build-nccl}
   cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DDISTILX_ENABLE_CUDA=ON -DDISTILX_CUDA_TEST_ONLY="test_cuda_ops.cu" \
-        -DDISTILX_NCCL_DISTILLER_TEST="${DISTILLER:-OFF}" > /dev/null
-  cmake --build "$BUILD" -j "${JOBS:-1}" --target distilx_nccl_tests distilx_parallel_env_tests
+        -DDISTILX_NCCL_DISTILLER_TEST="${DISTILLER:-ON}" > /dev/null
+  cmake --build "$BUILD" -j "${JOBS:-1}" --target distilx_nccl_tests distilx_parallel_env_tests distilx_app
   rm -rf "$STAGE" && mkdir -p "$STAGE/lib"
   cp "$BUILD/tests/nccl/distilx_nccl_tests" "$BUILD/tests/nccl/distilx_parallel_env_tests" "$STAGE/"
-  [ "${DISTILLER:-OFF}" = ON ] && touch "$STAGE/distiller-enabled"
-  for lib in $(ldd "$STAGE"/distilx_nccl_tests "$STAGE"/distilx_parallel_env_tests | awk '/=>/ {print $3}' | sort -u); do
+  cp "$BUILD/examples/distilx" "$STAGE/distilx"  # the app: --gpus 2, then resume on 1 GPU
+  [ "${DISTILLER:-ON}" = ON ] && touch "$STAGE/distiller-enabled"
+  for lib in $(ldd "$STAGE"/distilx_nccl_tests "$STAGE"/distilx_parallel_env_tests "$STAGE"/distilx | awk '/=>/ {print $3}' | sort -u); do
     case "$lib" in */libboost*|*/libpcre2*|*/libgomp*) cp -L "$lib" "$STAGE/lib/" ;; esac
   done
   grep -qx '/.gpu*/' .git/info/exclude || echo '/.gpu*/' >> .git/info/exclude
