@@ -90,25 +90,12 @@ inline int mlstm_thread_id() {
 
 }  // namespace detail
 
-/// The mLSTM cell kernel (no gate linears, no output norm: those live in the block).
-///
-/// Parallel and chunkwise are one function. The parallel form is the chunkwise code with a single chunk
-/// (L = S), which is exactly NX-AI `parallel_stabilized_simple`. In the chunkwise form the row stabiliser is
-/// the parallel form's m_i = max_{j<=i} log D_ij, obtained as max(intra-chunk max, M_{c-1} + b_τ) with the
-/// inter-chunk running max M starting at -inf. NX-AI's `chunkwise_simple` starts M at 0, which changes the
-/// stabiliser and hence (through ε, spec §4.4) the function itself; starting at -inf makes chunkwise and
-/// parallel agree up to rounding, so the one exact backward below serves both.
-/// Memory: forward saves m_i, s_i and the argmax a_i ([B, NH, S]); backward recomputes the rest. Scratch is per
-/// thread: three L×L tiles, five L×DH tiles, a DH×DH state and O(S) scalars.
-template <class T, class Backend = cpu>
-class MLSTMCell {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "MLSTMCell: T must be float or double");
-  static_assert(is_backend_v<Backend>, "MLSTMCell: Backend must be a distilx backend tag");
-  static_assert(std::is_same_v<Backend, cpu>,
-                "MLSTMCell: this header implements the cpu backend; the CUDA backend specialises MLSTMCell<T, cuda>");
-
+namespace detail {
+/// What the CPU and the CUDA mLSTM cells share: heads, head size, form and chunk size, validated
+/// once, and the rule that picks the chunk length for a sequence.
+class MLSTMCellShape {
  public:
-  MLSTMCell(index_t num_heads, index_t head_dim, MLSTMForm form = MLSTMForm::automatic, index_t chunk_size = 64)
+  MLSTMCellShape(index_t num_heads, index_t head_dim, MLSTMForm form, index_t chunk_size)
       : nh_(num_heads), dh_(head_dim), form_(form), chunk_(chunk_size) {
     DISTILX_REQUIRE(config_error, num_heads > 0, "MLSTMCell: num_heads must be > 0, got ", num_heads);
     DISTILX_REQUIRE(config_error, head_dim > 0, "MLSTMCell: head_dim must be > 0, got ", head_dim);
@@ -124,6 +111,42 @@ class MLSTMCell {
     DISTILX_REQUIRE(config_error, L > 0, "MLSTMCell: chunk_size must be > 0, got ", L);
     chunk_ = L;
   }
+
+ protected:
+  /// Chunk length for a sequence of S: S itself (one chunk: the parallel form) when the form is
+  /// parallel, or automatic and S fits one chunk; otherwise the chunk size.
+  index_t chunk_length(index_t S) const {
+    const index_t s = std::max<index_t>(S, 1);
+    if (form_ == MLSTMForm::parallel || (form_ == MLSTMForm::automatic && S <= chunk_)) return s;
+    return std::min(chunk_, s);
+  }
+
+  index_t nh_, dh_;
+  MLSTMForm form_;
+  index_t chunk_;
+};
+}  // namespace detail
+
+/// The mLSTM cell kernel (no gate linears, no output norm: those live in the block).
+///
+/// Parallel and chunkwise are one function. The parallel form is the chunkwise code with a single chunk
+/// (L = S), which is exactly NX-AI `parallel_stabilized_simple`. In the chunkwise form the row stabiliser is
+/// the parallel form's m_i = max_{j<=i} log D_ij, obtained as max(intra-chunk max, M_{c-1} + b_τ) with the
+/// inter-chunk running max M starting at -inf. NX-AI's `chunkwise_simple` starts M at 0, which changes the
+/// stabiliser and hence (through ε, spec §4.4) the function itself; starting at -inf makes chunkwise and
+/// parallel agree up to rounding, so the one exact backward below serves both.
+/// Memory: forward saves m_i, s_i and the argmax a_i ([B, NH, S]); backward recomputes the rest. Scratch is per
+/// thread: three L×L tiles, five L×DH tiles, a DH×DH state and O(S) scalars.
+template <class T, class Backend = cpu>
+class MLSTMCell : public detail::MLSTMCellShape {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "MLSTMCell: T must be float or double");
+  static_assert(is_backend_v<Backend>, "MLSTMCell: Backend must be a distilx backend tag");
+  static_assert(std::is_same_v<Backend, cpu>,
+                "MLSTMCell: this header implements the cpu backend; the CUDA backend specialises MLSTMCell<T, cuda>");
+
+ public:
+  MLSTMCell(index_t num_heads, index_t head_dim, MLSTMForm form = MLSTMForm::automatic, index_t chunk_size = 64)
+      : detail::MLSTMCellShape(num_heads, head_dim, form, chunk_size) {}
 
   /// Allocate/resize saved-state workspace for batch B, length S (no allocation in forward/backward when unchanged).
   void resize(index_t B, index_t S) {
@@ -220,11 +243,6 @@ class MLSTMCell {
   /// Threads only pay off above a few tens of thousands of multiply-adds (each (b, h) costs about
   /// S·(L + DH)·DH); below that, waking a team costs more than the work, badly so on a loaded machine.
   bool worth_threads(index_t BH, index_t S, index_t L) const { return BH > 1 && BH * S * (L + dh_) * dh_ > 65536; }
-  index_t chunk_length(index_t S) const {
-    const index_t s = std::max<index_t>(S, 1);
-    if (form_ == MLSTMForm::parallel || (form_ == MLSTMForm::automatic && S <= chunk_)) return s;
-    return std::min(chunk_, s);
-  }
   index_t scratch_per_thread(index_t S, index_t L) const {
     const index_t nc = (S + L - 1) / L;
     return 5 * L * dh_ + 3 * L * L + dh_ * dh_ + dh_ + 2 * L + (nc + 1) + S;
@@ -545,9 +563,6 @@ class MLSTMCell {
       for (index_t j = 0; j < dh_; ++j) out[r * dh_ + j] = f[r] * x[r * ld + j];
   }
 
-  index_t nh_, dh_;
-  MLSTMForm form_;
-  index_t chunk_;
   // Saved by forward for backward, [B, NH, S].
   std::vector<T> m_, s_;
   std::vector<index_t> arg_;

@@ -799,26 +799,12 @@ inline unsigned grid_1d(index_t n, int threads) { return static_cast<unsigned>((
 /// backward recomputes the states and the score tiles. Workspace (grow-only, reused across calls): the
 /// per-chunk states B·NH·nc·DH² plus two L×L tiles per chunk and O(B·NH·S) scalars.
 template <class T>
-class MLSTMCell<T, cuda> {
+class MLSTMCell<T, cuda> : public detail::MLSTMCellShape {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "MLSTMCell: T must be float or double");
 
  public:
   MLSTMCell(index_t num_heads, index_t head_dim, MLSTMForm form = MLSTMForm::automatic, index_t chunk_size = 64)
-      : nh_(num_heads), dh_(head_dim), form_(form), chunk_(chunk_size) {
-    DISTILX_REQUIRE(config_error, num_heads > 0, "MLSTMCell: num_heads must be > 0, got ", num_heads);
-    DISTILX_REQUIRE(config_error, head_dim > 0, "MLSTMCell: head_dim must be > 0, got ", head_dim);
-    DISTILX_REQUIRE(config_error, chunk_size > 0, "MLSTMCell: chunk_size must be > 0, got ", chunk_size);
-  }
-
-  index_t num_heads() const { return nh_; }
-  index_t head_dim() const { return dh_; }
-  MLSTMForm form() const { return form_; }
-  index_t chunk_size() const { return chunk_; }
-  void set_form(MLSTMForm f) { form_ = f; }
-  void set_chunk_size(index_t L) {
-    DISTILX_REQUIRE(config_error, L > 0, "MLSTMCell: chunk_size must be > 0, got ", L);
-    chunk_ = L;
-  }
+      : detail::MLSTMCellShape(num_heads, head_dim, form, chunk_size) {}
 
   /// Allocates the saved-statistics buffers for batch B, length S (no allocation in forward/backward when
   /// unchanged).
@@ -948,11 +934,6 @@ class MLSTMCell<T, cuda> {
   }
 
  private:
-  index_t chunk_length(index_t S) const {
-    const index_t s = std::max<index_t>(S, 1);
-    if (form_ == MLSTMForm::parallel || (form_ == MLSTMForm::automatic && S <= chunk_)) return s;
-    return std::min(chunk_, s);
-  }
   detail::mlstm_cuda::Geo geo(index_t B, index_t S, index_t L) const {
     detail::mlstm_cuda::Geo g;
     g.B = B, g.S = S, g.NH = nh_, g.DH = dh_, g.D = nh_ * dh_, g.L = L, g.nc = (S + L - 1) / L, g.BH = B * nh_;
@@ -988,9 +969,6 @@ class MLSTMCell<T, cuda> {
     }
   }
 
-  index_t nh_, dh_;
-  MLSTMForm form_;
-  index_t chunk_;
   // Saved by forward for backward: [B, NH, S] (m, s, α, β, argmax, local cumsum b) and [B, NH, nc(+1)].
   Buffer<T, cuda> m_, s_, alpha_, beta_, cm_, decay_;
   Buffer<index_t, cuda> arg_, ca_;
