@@ -24,6 +24,7 @@
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <initializer_list>
 #include <string>
 #include <thread>
 
@@ -122,6 +123,21 @@ inline DistEnv detect_env() {
   constexpr int kMax = 1 << 20;
   DistEnv e;
   if (const char* run = getenv_nonempty("DISTILX_RUN_ID")) e.job_key = run;
+  // An MPI launcher (Open MPI, MPICH/Intel MPI's PMI): rank and size required, the local rank and
+  // node size optional; the first job-key variable that is set names the job.
+  auto mpi_like = [&](Launcher l, const char* rank, const char* size, const char* local_rank, const char* local_size,
+                      std::initializer_list<const char*> job_keys) {
+    if (!getenv_nonempty(rank) || !getenv_nonempty(size)) return false;
+    e.launcher = l;
+    e.world_size = env_int(size, std::getenv(size), 1, kMax);
+    e.rank = env_int(rank, std::getenv(rank), 0, e.world_size - 1);
+    e.local_rank = detail::env_int_or(local_rank, 0, 0, kMax);
+    e.local_world_size = detail::env_int_or(local_size, -1, 1, kMax);
+    for (const char* k : job_keys)
+      if (e.job_key.empty())
+        if (const char* v = getenv_nonempty(k)) e.job_key = v;
+    return true;
+  };
   if (getenv_nonempty("RANK") && getenv_nonempty("WORLD_SIZE")) {
     e.launcher = Launcher::env;
     e.world_size = env_int("WORLD_SIZE", std::getenv("WORLD_SIZE"), 1, kMax);
@@ -133,24 +149,9 @@ inline DistEnv detect_env() {
     e.local_world_size = detail::env_int_or("LOCAL_WORLD_SIZE", -1, 1, kMax);
     if (e.job_key.empty())
       if (const char* t = getenv_nonempty("TORCHELASTIC_RUN_ID")) e.job_key = t;
-  } else if (getenv_nonempty("OMPI_COMM_WORLD_RANK") && getenv_nonempty("OMPI_COMM_WORLD_SIZE")) {
-    e.launcher = Launcher::openmpi;
-    e.world_size = env_int("OMPI_COMM_WORLD_SIZE", std::getenv("OMPI_COMM_WORLD_SIZE"), 1, kMax);
-    e.rank = env_int("OMPI_COMM_WORLD_RANK", std::getenv("OMPI_COMM_WORLD_RANK"), 0, e.world_size - 1);
-    e.local_rank = detail::env_int_or("OMPI_COMM_WORLD_LOCAL_RANK", 0, 0, kMax);
-    e.local_world_size = detail::env_int_or("OMPI_COMM_WORLD_LOCAL_SIZE", -1, 1, kMax);
-    if (e.job_key.empty())
-      if (const char* ns = getenv_nonempty("PMIX_NAMESPACE")) e.job_key = ns;
-    if (e.job_key.empty())
-      if (const char* j = getenv_nonempty("OMPI_MCA_ess_base_jobid")) e.job_key = j;
-  } else if (getenv_nonempty("PMI_RANK") && getenv_nonempty("PMI_SIZE")) {
-    e.launcher = Launcher::pmi;
-    e.world_size = env_int("PMI_SIZE", std::getenv("PMI_SIZE"), 1, kMax);
-    e.rank = env_int("PMI_RANK", std::getenv("PMI_RANK"), 0, e.world_size - 1);
-    e.local_rank = detail::env_int_or("MPI_LOCALRANKID", 0, 0, kMax);
-    e.local_world_size = detail::env_int_or("MPI_LOCALNRANKS", -1, 1, kMax);
-    if (e.job_key.empty())
-      if (const char* k = getenv_nonempty("PMI_KVSNAME")) e.job_key = k;
+  } else if (mpi_like(Launcher::openmpi, "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                      "OMPI_COMM_WORLD_LOCAL_SIZE", {"PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid"})) {
+  } else if (mpi_like(Launcher::pmi, "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", {"PMI_KVSNAME"})) {
   } else if (getenv_nonempty("SLURM_PROCID") && getenv_nonempty("SLURM_STEP_NUM_TASKS")) {
     e.launcher = Launcher::slurm;
     e.world_size = env_int("SLURM_STEP_NUM_TASKS", std::getenv("SLURM_STEP_NUM_TASKS"), 1, kMax);
