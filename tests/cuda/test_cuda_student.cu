@@ -45,24 +45,7 @@ void compare_student(StudentConfig c, index_t B, index_t S) {
     worst = std::max(worst, e);
   }
   // Backward from random gradients of the final hidden state and every block output.
-  std::vector<float> dh(static_cast<std::size_t>(M * d));
-  testing::fill_normal(dh.data(), M * d, rng, 1e-2);
-  std::vector<std::vector<float>> db(static_cast<std::size_t>(c.num_blocks), std::vector<float>(dh.size()));
-  for (auto& v : db) testing::fill_normal(v.data(), M * d, rng, 1e-3);
-  Buffer<float, distilx::cuda> d_dh(M * d);
-  d_dh.copy_from_host(dh.data(), M * d);
-  std::vector<Buffer<float, distilx::cuda>> d_db;
-  std::vector<const float*> cpu_ptr, gpu_ptr;
-  for (auto& v : db) {
-    d_db.emplace_back(M * d);
-    d_db.back().copy_from_host(v.data(), M * d);
-    cpu_ptr.push_back(v.data());
-  }
-  for (auto& b : d_db) gpu_ptr.push_back(b.data());
-  cpu_s.zero_grad();
-  gpu_s.zero_grad();
-  cpu_s.backward(dh.data(), &cpu_ptr);
-  gpu_s.backward(d_dh.data(), &gpu_ptr);
+  testing::backward_twins(cpu_s, gpu_s, M, rng);
   const std::vector<float> gc = cpu_s.grads_to_host(), gg = gpu_s.grads_to_host();
   index_t n = 0;
   for (const auto& pi : cpu_s.layout().infos()) {
