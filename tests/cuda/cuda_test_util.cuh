@@ -8,6 +8,19 @@
 
 namespace distilx::testing {
 
+/// Sets the process-wide math mode for one scope and restores the previous one at its end (a
+/// failed check must not leak a 16-bit mode into the next test).
+class MathModeScope {
+ public:
+  explicit MathModeScope(cuda_backend::MathMode m) : saved_(cuda_backend::math_mode()) { cuda_backend::set_math_mode(m); }
+  ~MathModeScope() { cuda_backend::set_math_mode(saved_); }
+  MathModeScope(const MathModeScope&) = delete;
+  MathModeScope& operator=(const MathModeScope&) = delete;
+
+ private:
+  cuda_backend::MathMode saved_;
+};
+
 /// A CPU and a GPU student with the same weights: cpu_s.init(5), then every parameter moved by
 /// N(0, 0.02^2) noise from rng (so R = 0 and the other special init values carry signal), the
 /// embedding and head copied. rng continues from there for the test's inputs.

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "distilx/cuda.cuh"
+#include "cuda_test_util.cuh"
 
 using namespace distilx;
 namespace fs = std::filesystem;
@@ -160,10 +161,7 @@ double compare(const Trace& g, const Trace& c, double tol, const char* what, dou
   return std::max(worst, rel(g.eval.student_ppl, c.eval.student_ppl));
 }
 
-struct MathModeGuard {
-  explicit MathModeGuard(cuda_backend::MathMode m) { cuda_backend::set_math_mode(m); }
-  ~MathModeGuard() { cuda_backend::set_math_mode(cuda_backend::MathMode::fp32); }
-};
+using MathModeGuard = testing::MathModeScope;
 
 }  // namespace
 

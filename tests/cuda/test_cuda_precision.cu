@@ -26,13 +26,7 @@ namespace {
 
 constexpr MathMode kModes[] = {MathMode::fp32, MathMode::tf32, MathMode::bf16, MathMode::fp16};
 
-/// Sets a math mode for one scope and restores exact fp32 (the default) at its end.
-struct ModeScope {
-  explicit ModeScope(MathMode m) { cuda_backend::set_math_mode(m); }
-  ~ModeScope() { cuda_backend::set_math_mode(MathMode::fp32); }
-  ModeScope(const ModeScope&) = delete;
-  ModeScope& operator=(const ModeScope&) = delete;
-};
+using ModeScope = testing::MathModeScope;
 
 /// Norm-relative error bounds of a product of unit-scale random operands (K in the hundreds).
 /// exact_min: the error a mode must at least show, so that a silent fp32 fallback fails (bf16

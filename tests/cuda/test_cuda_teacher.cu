@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "distilx/cuda.cuh"
+#include "cuda_test_util.cuh"
 #include "distilx/io/safetensors.hpp"
 
 using namespace distilx;
@@ -25,12 +26,7 @@ namespace cb = distilx::cuda_backend;
 
 namespace {
 
-/// Restores the process-wide math mode at scope exit (a failed check must not leak bf16 mode).
-struct MathModeScope {
-  cb::MathMode saved = cb::math_mode();
-  explicit MathModeScope(cb::MathMode m) { cb::set_math_mode(m); }
-  ~MathModeScope() { cb::set_math_mode(saved); }
-};
+using testing::MathModeScope;
 
 template <class T>
 std::vector<T> randv(index_t n, Rng& rng) {
@@ -92,9 +88,10 @@ std::string describe(const AttnCase& c) {
 }
 
 /// Runs the CPU and the CUDA attention op on the same random inputs; returns the relative error
-/// of the output (and checks that two GPU runs are bit-identical).
+/// of the output (and checks that two GPU runs are bit-identical). rope: both ops rotate q and k
+/// themselves with tables of positions that restart per sequence at an offset.
 template <class T>
-double attention_error(const AttnCase& c, Rng& rng, cb::AttentionKernel* used) {
+double attention_error(const AttnCase& c, Rng& rng, cb::AttentionKernel* used, bool rope = false) {
   ops::CausalAttentionShape s;
   s.B = c.B;
   s.S = c.S;
@@ -107,20 +104,34 @@ double attention_error(const AttnCase& c, Rng& rng, cb::AttentionKernel* used) {
   const auto q = randv<T>(nq, rng), k = randv<T>(nk, rng), v = randv<T>(nk, rng);
   const auto mask = c.masked ? padded_mask(c.B, c.S, c.S / 3 + 1) : std::vector<std::uint8_t>{};
   const T scale = static_cast<T>(1.0 / std::sqrt(double(c.DH)));
+  const index_t M = c.B * c.S, half = c.DH / 2;
+  std::vector<T> cos_t, sin_t;
+  if (rope) {
+    std::vector<std::int32_t> pos(static_cast<std::size_t>(M));
+    for (index_t i = 0; i < M; ++i) pos[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(11 + i % c.S);
+    const auto inv = ops::rope_inverse_frequencies(ops::RopeSpec{}, c.DH);
+    cos_t.resize(static_cast<std::size_t>(M * half));
+    sin_t.resize(cos_t.size());
+    ops::rope_cos_sin(cpu{}, cos_t.data(), sin_t.data(), pos.data(), inv.data(), M, half);
+  }
+  s.rope = rope;
   std::vector<T> ref(static_cast<std::size_t>(nq));
   std::vector<T> scratch(static_cast<std::size_t>(ops::causal_attention_scratch_size(cpu{}, s)));
   ops::causal_attention_forward(cpu{}, ref.data(), q.data(), k.data(), v.data(), mask.empty() ? nullptr : mask.data(),
-                                s, scale, scratch.data(), static_cast<index_t>(scratch.size()));
+                                s, scale, scratch.data(), static_cast<index_t>(scratch.size()),
+                                ops::AttentionRope<T>{rope ? cos_t.data() : nullptr, rope ? sin_t.data() : nullptr});
   auto dq = device_of(q), dk = device_of(k), dv = device_of(v);
   auto dm = device_of(mask);
+  auto dcos = device_of(cos_t), dsin = device_of(sin_t);
+  const ops::AttentionRope<T> drope{rope ? dcos.data() : nullptr, rope ? dsin.data() : nullptr};
   Buffer<T, distilx::cuda> out(nq), out2(nq);
   const std::uint8_t* mp = mask.empty() ? nullptr : dm.data();
   *used = cb::attention_kernel_for<T>(s, out.data(), dq.data(), dk.data(), dv.data());
   BOOST_TEST(ops::causal_attention_scratch_size(distilx::cuda{}, s) == 0);
   ops::causal_attention_forward(distilx::cuda{}, out.data(), dq.data(), dk.data(), dv.data(), mp, s, scale,
-                                static_cast<T*>(nullptr), index_t{0});
+                                static_cast<T*>(nullptr), index_t{0}, drope);
   ops::causal_attention_forward(distilx::cuda{}, out2.data(), dq.data(), dk.data(), dv.data(), mp, s, scale,
-                                static_cast<T*>(nullptr), index_t{0});
+                                static_cast<T*>(nullptr), index_t{0}, drope);
   const auto got = out.to_host(), got2 = out2.to_host();
   BOOST_TEST(std::memcmp(got.data(), got2.data(), sizeof(T) * got.size()) == 0, describe(c) << ": reruns differ");
   // Fully masked query rows (left padding) must be exact zeros, as on the CPU.
@@ -196,14 +207,16 @@ BOOST_AUTO_TEST_CASE(attention_exact_matches_cpu) {
   Rng rng(11);
   double worst_f = 0, worst_d = 0;
   auto run = [&](const AttnCase& c) {
-    cb::AttentionKernel used{};
-    const double ef = attention_error<float>(c, rng, &used);
-    BOOST_TEST((used == cb::AttentionKernel::exact));
-    BOOST_TEST(ef <= 1e-5, describe(c) << " float: relative error " << ef);
-    const double ed = attention_error<double>(c, rng, &used);
-    BOOST_TEST(ed <= 1e-12, describe(c) << " double: relative error " << ed);
-    worst_f = std::max(worst_f, ef);
-    worst_d = std::max(worst_d, ed);
+    for (bool rope : {false, true}) {
+      cb::AttentionKernel used{};
+      const double ef = attention_error<float>(c, rng, &used, rope);
+      BOOST_TEST((used == cb::AttentionKernel::exact));
+      BOOST_TEST(ef <= 1e-5, describe(c) << (rope ? " rope" : "") << " float: relative error " << ef);
+      const double ed = attention_error<double>(c, rng, &used, rope);
+      BOOST_TEST(ed <= 1e-12, describe(c) << (rope ? " rope" : "") << " double: relative error " << ed);
+      worst_f = std::max(worst_f, ef);
+      worst_d = std::max(worst_d, ed);
+    }
   };
   for (const AttnCase& c : kAttnCases) run(c);
   for (const AttnCase& c : kExactOnlyCases) run(c);
@@ -216,15 +229,16 @@ BOOST_AUTO_TEST_CASE(attention_tensor_cores_match_cpu) {
     MathModeScope scope(mode);
     const double tol = mode == cb::MathMode::bf16 ? 2e-2 : 5e-3;
     double worst = 0;
-    for (const AttnCase& c : kAttnCases) {
-      cb::AttentionKernel used{};
-      const double e = attention_error<float>(c, rng, &used);
-      BOOST_TEST((used == (mode == cb::MathMode::bf16 ? cb::AttentionKernel::tensor_core_bf16
-                                                      : cb::AttentionKernel::tensor_core_fp16)),
-                 describe(c) << ": kernel " << cb::to_string(used));
-      BOOST_TEST(e <= tol, describe(c) << " " << cb::to_string(mode) << ": relative error " << e);
-      worst = std::max(worst, e);
-    }
+    for (const AttnCase& c : kAttnCases)
+      for (bool rope : {false, true}) {
+        cb::AttentionKernel used{};
+        const double e = attention_error<float>(c, rng, &used, rope);
+        BOOST_TEST((used == (mode == cb::MathMode::bf16 ? cb::AttentionKernel::tensor_core_bf16
+                                                        : cb::AttentionKernel::tensor_core_fp16)),
+                   describe(c) << ": kernel " << cb::to_string(used));
+        BOOST_TEST(e <= tol, describe(c) << (rope ? " rope " : " ") << cb::to_string(mode) << ": relative error " << e);
+        worst = std::max(worst, e);
+      }
     // Head dims without a tensor-core kernel fall back to the exact one.
     cb::AttentionKernel used{};
     const double e = attention_error<float>(kExactOnlyCases[1], rng, &used);

@@ -492,6 +492,58 @@ BOOST_AUTO_TEST_CASE(attention_long_sequence_tiled) {
   }, {"scratch"});
 }
 
+BOOST_AUTO_TEST_CASE(attention_rope_in_op_matches_rotated_inputs) {
+  // The op's own RoPE (AttentionRope) against rope_forward on copies of q and k, then the op
+  // without RoPE: GQA, left padding, a window crossing tiles, positions not starting at 0.
+  const index_t B = 2, S = 37, NH = 4, NKV = 2, DH = 16, half = DH / 2;
+  Rng rng(31);
+  auto q = random_vec<float>(rng, B * S * NH * DH), k = random_vec<float>(rng, B * S * NKV * DH),
+       v = random_vec<float>(rng, B * S * NKV * DH);
+  std::vector<std::int32_t> pos(static_cast<std::size_t>(B * S));
+  for (index_t i = 0; i < B * S; ++i) pos[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(3 + (i % S) * 7);
+  ops::RopeSpec spec;
+  const auto inv = ops::rope_inverse_frequencies(spec, DH);
+  std::vector<float> c(static_cast<std::size_t>(B * S * half)), sn(c.size());
+  ops::rope_cos_sin(cpu{}, c.data(), sn.data(), pos.data(), inv.data(), B * S, half);
+  std::vector<std::uint8_t> mask(static_cast<std::size_t>(B * S), 1);
+  for (index_t i = 0; i < 5; ++i) mask[static_cast<std::size_t>(i)] = 0;
+  for (index_t window : {index_t(0), index_t(9)}) {
+    ops::CausalAttentionShape sh;
+    sh.B = B;
+    sh.S = S;
+    sh.NH = NH;
+    sh.NKV = NKV;
+    sh.DH = DH;
+    sh.window = window;
+    sh.q_tile = 8;
+    auto qr = q, kr = k;
+    ops::rope_forward(cpu{}, qr.data(), c.data(), sn.data(), B * S, NH, DH);
+    ops::rope_forward(cpu{}, kr.data(), c.data(), sn.data(), B * S, NKV, DH);
+    std::vector<float> ref(q.size()), got(q.size(), -7.0f);
+    std::vector<float> scratch(static_cast<std::size_t>(ops::causal_attention_scratch_size(cpu{}, sh)));
+    ops::causal_attention_forward(cpu{}, ref.data(), qr.data(), kr.data(), v.data(), mask.data(), sh, 0.25f,
+                                  scratch.data(), static_cast<index_t>(scratch.size()));
+    sh.rope = true;
+    scratch.assign(static_cast<std::size_t>(ops::causal_attention_scratch_size(cpu{}, sh)), 0.0f);
+    ops::causal_attention_forward(cpu{}, got.data(), q.data(), k.data(), v.data(), mask.data(), sh, 0.25f,
+                                  scratch.data(), static_cast<index_t>(scratch.size()),
+                                  ops::AttentionRope<float>{c.data(), sn.data()});
+    double err = 0, ref_norm = 0;
+    for (std::size_t i = 0; i < ref.size(); ++i) {
+      err = std::max(err, std::abs(double(got[i]) - double(ref[i])));
+      ref_norm = std::max(ref_norm, std::abs(double(ref[i])));
+    }
+    BOOST_TEST(err <= 1e-6 * ref_norm, "window " << window << ": max abs difference " << err);
+    // Tables without the shape's rope flag (whose scratch is too small for the rotated rows) are refused.
+    sh.rope = false;
+    expect_error<shape_error>([&] {
+      ops::causal_attention_forward(cpu{}, got.data(), q.data(), k.data(), v.data(), mask.data(), sh, 0.25f,
+                                    scratch.data(), static_cast<index_t>(scratch.size()),
+                                    ops::AttentionRope<float>{c.data(), sn.data()});
+    }, {"CausalAttentionShape::rope"});
+  }
+}
+
 BOOST_AUTO_TEST_CASE(random_teacher_tiles_agree) {
   io::HfModelConfig c = io::parse_hf_config(base_config(), "in-code config");
   LlamaTeacher<double> t(c);

@@ -79,6 +79,17 @@ void rope_cos_sin(cpu, T* cos_out, T* sin_out, const std::int32_t* positions, co
   }
 }
 
+/// One head vector's rotation, dst = R(a) src (dst may be src): the arithmetic every RoPE path
+/// (rope_forward, the attention op's in-kernel rotation) shares, so they round alike.
+template <class T>
+inline void rope_rotate_row(T* dst, const T* src, const T* c, const T* s, index_t half) {
+  for (index_t i = 0; i < half; ++i) {
+    const T a = src[i], b = src[i + half];
+    dst[i] = a * c[i] - b * s[i];
+    dst[i + half] = b * c[i] + a * s[i];
+  }
+}
+
 /// In-place rotation of x [M, H, D] (row stride ld >= H*D elements between consecutive m) with the
 /// tables of rope_cos_sin: every one of the H heads of row m uses row m of cos/sin.
 template <class T>
@@ -89,13 +100,8 @@ void rope_forward(cpu, T* x, const T* cos_t, const T* sin_t, index_t M, index_t 
     const T* c = cos_t + m * half;
     const T* s = sin_t + m * half;
     for (index_t h = 0; h < H; ++h) {
-      T* x1 = x + m * ld + h * D;
-      T* x2 = x1 + half;
-      for (index_t i = 0; i < half; ++i) {
-        const T a = x1[i], b = x2[i];
-        x1[i] = a * c[i] - b * s[i];
-        x2[i] = b * c[i] + a * s[i];
-      }
+      T* row = x + m * ld + h * D;
+      rope_rotate_row(row, row, c, s, half);
     }
   }
 }

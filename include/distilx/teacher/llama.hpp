@@ -254,6 +254,8 @@ class LlamaTeacher {
     ash.NKV = NKV;
     ash.DH = DH;
     ash.q_tile = q_tile_;
+    ash.rope = true;
+    const ops::AttentionRope<T> rope{cos_.data(), sin_.data()};
     const index_t scratch_needed = ops::causal_attention_scratch_size(be, ash);
     if (scratch_.size() < scratch_needed) scratch_.resize({scratch_needed});
     const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(DH)));  // HF: head_dim ** -0.5
@@ -265,11 +267,10 @@ class LlamaTeacher {
       ops::linear_forward(be, q_.data(), xn_.data(), ly.wq.data(), bias_(ly.bq), M, d, NH * DH);  // [M, NH, DH]
       ops::linear_forward(be, k_.data(), xn_.data(), ly.wk.data(), bias_(ly.bk), M, d, NKV * DH);  // [M, NKV, DH]
       ops::linear_forward(be, v_.data(), xn_.data(), ly.wv.data(), bias_(ly.bv), M, d, NKV * DH);  // [M, NKV, DH]
-      ops::rope_forward(be, q_.data(), cos_.data(), sin_.data(), M, NH, DH);
-      ops::rope_forward(be, k_.data(), cos_.data(), sin_.data(), M, NKV, DH);
       ash.window = cfg_.sliding_window[static_cast<std::size_t>(l)];
+      // RoPE is applied inside the attention op, to q and k as it reads them.
       ops::causal_attention_forward(be, att_.data(), q_.data(), k_.data(), v_.data(), key_mask, ash, scale,
-                                    scratch_.data(), scratch_.size());  // [M, NH, DH]
+                                    scratch_.data(), scratch_.size(), rope);  // [M, NH, DH]
       // x += att Wo^T (+ bo): the residual add is folded into the GEMM (beta = 1).
       ops::gemm(be, ops::Trans::no, ops::Trans::yes, M, d, NH * DH, T(1), att_.data(), NH * DH, ly.wo.data(),
                 NH * DH, T(1), x_.data(), d);

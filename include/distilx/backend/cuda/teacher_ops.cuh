@@ -205,11 +205,18 @@ constexpr std::size_t exact_smem_bytes() {
                       static_cast<std::size_t>(kExactBK) * DP);
 }
 
+/// Element d of a head vector rotated as rope_rotate_row does (c, s: the row's tables [DH / 2]).
+template <class T>
+__device__ inline T rope_element(const T* __restrict__ x, const T* __restrict__ c, const T* __restrict__ s, int d,
+                                 int hd) {
+  return d < hd ? x[d] * c[d] - x[d + hd] * s[d] : x[d] * c[d - hd] + x[d - hd] * s[d - hd];
+}
+
 template <class T, int NC>
 __global__ void __launch_bounds__(kExactWarps * 32, 1)
     attention_exact_kernel(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ k,
                            const T* __restrict__ v, const std::uint8_t* __restrict__ key_mask, AttentionArgs a,
-                           T scale) {
+                           T scale, const T* __restrict__ rope_cos, const T* __restrict__ rope_sin) {
   constexpr int R = ExactCfg<T>::R, BQ = ExactCfg<T>::BQ, BK = kExactBK;
   constexpr int DP = NC * 32, KP = DP + 1;
   extern __shared__ unsigned char exact_smem_raw[];
@@ -226,10 +233,16 @@ __global__ void __launch_bounds__(kExactWarps * 32, 1)
   const index_t ldq = static_cast<index_t>(a.NH) * DH, ldk = static_cast<index_t>(a.NKV) * DH;
   const std::uint8_t* mask = key_mask ? key_mask + b * S : nullptr;
 
+  const int hd = DH / 2;  // rope table row length
   for (int e = tid; e < BQ * DP; e += kExactWarps * 32) {
     const int r = e / DP, d = e % DP;
     const index_t i = i0 + r;
-    Qs[e] = (i < S && d < DH) ? q[(b * S + i) * ldq + static_cast<index_t>(h) * DH + d] : T(0);
+    T x = T(0);
+    if (i < S && d < DH) {
+      const T* row = q + (b * S + i) * ldq + static_cast<index_t>(h) * DH;
+      x = rope_cos ? rope_element(row, rope_cos + (b * S + i) * hd, rope_sin + (b * S + i) * hd, d, hd) : row[d];
+    }
+    Qs[e] = x;
   }
 
   T m[R], l[R], acc[R][NC];
@@ -249,9 +262,13 @@ __global__ void __launch_bounds__(kExactWarps * 32, 1)
       const int r = e / DP, d = e % DP;
       const index_t j = j0 + r;
       const bool in = j < S && d < DH;
-      const index_t off = (b * S + j) * ldk + static_cast<index_t>(g) * DH + d;
-      Ks[r * KP + d] = in ? k[off] : T(0);
-      Vs[r * DP + d] = in ? v[off] : T(0);
+      const index_t off = (b * S + j) * ldk + static_cast<index_t>(g) * DH;
+      T kx = T(0);
+      if (in)
+        kx = rope_cos ? rope_element(k + off, rope_cos + (b * S + j) * hd, rope_sin + (b * S + j) * hd, d, hd)
+                      : k[off + d];
+      Ks[r * KP + d] = kx;
+      Vs[r * DP + d] = in ? v[off + d] : T(0);
     }
     __syncthreads();
 
@@ -381,14 +398,49 @@ __device__ inline void ldsm_x4_trans(std::uint32_t& r0, std::uint32_t& r1, std::
 }
 
 /// Rows [r0, r0 + 64) of a [S, ld] float tensor (columns col0 .. col0 + DH) into a 16-bit tile
-/// with pitch DH + 8; rows at or past S become zeros.
+/// with pitch DH + 8; rows at or past S become zeros. With RoPE tables (cos, sin: [S, DH / 2],
+/// row r0 + r for tile row r) each row is rotated on the way, as rope_rotate_row does.
 template <class H, int DH>
 __device__ inline void stage_tile(H* dst, const float* __restrict__ src, index_t ld, index_t col0, index_t r0,
-                                  index_t rows_left) {
+                                  index_t rows_left, const float* __restrict__ cos_t = nullptr,
+                                  const float* __restrict__ sin_t = nullptr) {
   // Batches of 8 float4 loads in flight per thread: enough to cover latency without spilling
   // next to the output accumulators that stay live across the staging.
   constexpr int LD = DH + 8, C4 = DH / 4, N = kMmaBK * C4 / (kMmaWarps * 32), NB = N < 8 ? N : 8;
   static_assert(N % NB == 0, "stage_tile: tile size");
+  if (cos_t) {
+    // Four float4 loads per item (the value, its rotation partner, cos and sin): two items at a time.
+    constexpr int HALF = DH / 2;
+#pragma unroll 1
+    for (int it0 = 0; it0 < N; it0 += 2) {
+      float4 x[2], p[2], c[2], sn[2];
+#pragma unroll
+      for (int it = 0; it < 2; ++it) {
+        const int e = (it0 + it) * kMmaWarps * 32 + static_cast<int>(threadIdx.x);
+        const int r = e / C4, col = (e % C4) * 4;
+        const int i = col < HALF ? col : col - HALF, partner = col < HALF ? col + HALF : col - HALF;
+        const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+        const bool in = r < rows_left;
+        const float* row = src + (r0 + r) * ld + col0;
+        x[it] = in ? __ldg(reinterpret_cast<const float4*>(row + col)) : z;
+        p[it] = in ? __ldg(reinterpret_cast<const float4*>(row + partner)) : z;
+        c[it] = in ? __ldg(reinterpret_cast<const float4*>(cos_t + (r0 + r) * HALF + i)) : z;
+        sn[it] = in ? __ldg(reinterpret_cast<const float4*>(sin_t + (r0 + r) * HALF + i)) : z;
+      }
+#pragma unroll
+      for (int it = 0; it < 2; ++it) {
+        const int e = (it0 + it) * kMmaWarps * 32 + static_cast<int>(threadIdx.x);
+        const int r = e / C4, col = (e % C4) * 4;
+        // First half: x c - x2 s; second half: x c + x1 s (the partner is x2 resp. x1).
+        const float sg = col < HALF ? -1.f : 1.f;
+        uint2 u;
+        u.x = pack2<H>(x[it].x * c[it].x + sg * (p[it].x * sn[it].x), x[it].y * c[it].y + sg * (p[it].y * sn[it].y));
+        u.y = pack2<H>(x[it].z * c[it].z + sg * (p[it].z * sn[it].z), x[it].w * c[it].w + sg * (p[it].w * sn[it].w));
+        *reinterpret_cast<uint2*>(dst + r * LD + col) = u;
+      }
+    }
+    return;
+  }
 #pragma unroll 1
   for (int it0 = 0; it0 < N; it0 += NB) {
     float4 x[NB];
@@ -415,7 +467,7 @@ template <class H, int DH>
 __global__ void __launch_bounds__(kMmaWarps * 32)
     attention_mma_kernel(float* __restrict__ out, const float* __restrict__ q, const float* __restrict__ k,
                          const float* __restrict__ v, const std::uint8_t* __restrict__ key_mask, AttentionArgs a,
-                         float scale_log2) {
+                         float scale_log2, const float* __restrict__ rope_cos, const float* __restrict__ rope_sin) {
   constexpr int BQ = kMmaBQ, BK = kMmaBK, LD = DH + 8, KS = DH / 16, NT = BK / 8, DT = DH / 8;
   __shared__ __align__(16) H As[BK * LD];  // Q, then K
   __shared__ __align__(16) H Bs[BK * LD];  // V
@@ -432,7 +484,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   const std::uint8_t* mask = key_mask ? key_mask + b * S : nullptr;
 
   // Q fragments of the warp's 16 rows.
-  stage_tile<H, DH>(As, q + b * S * ldq, ldq, static_cast<index_t>(h) * DH, i0, S - i0);
+  const float* rc = rope_cos ? rope_cos + b * S * (DH / 2) : nullptr;  // this sequence's tables
+  const float* rs = rope_cos ? rope_sin + b * S * (DH / 2) : nullptr;
+  stage_tile<H, DH>(As, q + b * S * ldq, ldq, static_cast<index_t>(h) * DH, i0, S - i0, rc, rs);
   __syncthreads();
   std::uint32_t qf[KS][4];
 #pragma unroll
@@ -448,7 +502,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   const index_t i_end = i0 + BQ < S ? i0 + BQ : S;
   for (index_t j0 = attention_first_key<BK>(a, i0); j0 < i_end; j0 += BK) {
     __syncthreads();  // previous tile (or the Q tile) fully read
-    stage_tile<H, DH>(As, k + b * S * ldk, ldk, static_cast<index_t>(g) * DH, j0, S - j0);
+    stage_tile<H, DH>(As, k + b * S * ldk, ldk, static_cast<index_t>(g) * DH, j0, S - j0, rc, rs);
     stage_tile<H, DH>(Bs, v + b * S * ldk, ldk, static_cast<index_t>(g) * DH, j0, S - j0);
     if (tid < BK) key_ok[tid] = j0 + tid < S && (!mask || mask[j0 + tid] != 0);
     __syncthreads();
@@ -548,7 +602,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
 /// Launches the exact kernel for head dims up to 32 * NC.
 template <class T, int NC>
 void launch_attention_exact(T* out, const T* q, const T* k, const T* v, const std::uint8_t* mask, AttentionArgs a,
-                            index_t B, T scale) {
+                            index_t B, T scale, const T* rope_cos, const T* rope_sin) {
   constexpr std::size_t smem = exact_smem_bytes<T, NC>();
   // Above 48 KiB dynamic shared memory is opt-in; set on every call (cheap) so any device works.
   if (smem > 48 * 1024)
@@ -558,21 +612,21 @@ void launch_attention_exact(T* out, const T* q, const T* k, const T* v, const st
   const index_t blocks = B * a.NH * a.num_q_tiles;
   DISTILX_REQUIRE(shape_error, blocks <= index_t(0x7fffffff), "attention: B * NH * ceil(S / ", ExactCfg<T>::BQ,
                   ") = ", blocks, " thread blocks exceeds the grid limit; split the batch");
-  attention_exact_kernel<T, NC><<<static_cast<unsigned>(blocks), kExactWarps * 32, smem, stream()>>>(out, q, k, v,
-                                                                                                    mask, a, scale);
+  attention_exact_kernel<T, NC><<<static_cast<unsigned>(blocks), kExactWarps * 32, smem, stream()>>>(
+      out, q, k, v, mask, a, scale, rope_cos, rope_sin);
   DISTILX_CUDA_LAUNCH_CHECK();
 }
 
 template <class H, int DH>
 void launch_attention_mma(float* out, const float* q, const float* k, const float* v, const std::uint8_t* mask,
-                          AttentionArgs a, index_t B, float scale) {
+                          AttentionArgs a, index_t B, float scale, const float* rope_cos, const float* rope_sin) {
   a.num_q_tiles = static_cast<int>((a.S + kMmaBQ - 1) / kMmaBQ);
   const index_t blocks = B * a.NH * a.num_q_tiles;
   DISTILX_REQUIRE(shape_error, blocks <= index_t(0x7fffffff), "attention: B * NH * ceil(S / ", kMmaBQ, ") = ", blocks,
                   " thread blocks exceeds the grid limit; split the batch");
   const float scale_log2 = scale * 1.4426950408889634f;
-  attention_mma_kernel<H, DH><<<static_cast<unsigned>(blocks), kMmaWarps * 32, 0, stream()>>>(out, q, k, v, mask, a,
-                                                                                             scale_log2);
+  attention_mma_kernel<H, DH><<<static_cast<unsigned>(blocks), kMmaWarps * 32, 0, stream()>>>(
+      out, q, k, v, mask, a, scale_log2, rope_cos, rope_sin);
   DISTILX_CUDA_LAUNCH_CHECK();
 }
 
@@ -645,7 +699,8 @@ inline index_t causal_attention_scratch_size(cuda, const CausalAttentionShape&) 
 /// unused and may be null.
 template <class T>
 void causal_attention_forward(cuda, T* out, const T* q, const T* k, const T* v, const std::uint8_t* key_mask,
-                              const CausalAttentionShape& s, T scale, T* scratch, index_t scratch_size) {
+                              const CausalAttentionShape& s, T scale, T* scratch, index_t scratch_size,
+                              AttentionRope<T> rope = {}) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "causal_attention_forward(cuda): float or double");
   (void)scratch;
   (void)scratch_size;
@@ -660,7 +715,11 @@ void causal_attention_forward(cuda, T* out, const T* q, const T* k, const T* v, 
                   " is not supported; the fused kernels handle head_dim <= 256");
   DISTILX_REQUIRE(shape_error, s.NH <= 65535 && s.NH * s.DH <= index_t(1) << 30, "attention(cuda): ", s.NH,
                   " heads of ", s.DH, " is out of range");
+  DISTILX_REQUIRE(shape_error, !rope || (s.DH % 2 == 0 && rope.sin != nullptr),
+                  "attention: RoPE tables need both cos and sin and an even head dim, got DH ", s.DH);
   if (s.B == 0 || s.S == 0 || s.NH == 0) return;
+  const T* rc = rope.cos;
+  const T* rs = rope.sin;
   kn::AttentionArgs a;
   a.S = s.S;
   a.window = s.window;
@@ -668,24 +727,26 @@ void causal_attention_forward(cuda, T* out, const T* q, const T* k, const T* v, 
   a.NKV = static_cast<int>(s.NKV);
   a.DH = static_cast<int>(s.DH);
   a.group = static_cast<int>(s.NH / s.NKV);
-  const AttentionKernel which = ::distilx::cuda_backend::attention_kernel_for<T>(s, out, q, k, v);
+  AttentionKernel which = ::distilx::cuda_backend::attention_kernel_for<T>(s, out, q, k, v);
+  namespace cd = ::distilx::cuda_backend::detail;
+  if (rope && (!cd::aligned16(rc) || !cd::aligned16(rs))) which = AttentionKernel::exact;  // float4 table reads
   if constexpr (std::is_same_v<T, float>) {
     if (which != AttentionKernel::exact) {
       const bool bf = which == AttentionKernel::tensor_core_bf16;
       if (s.DH == 64) {
-        if (bf) kn::launch_attention_mma<__nv_bfloat16, 64>(out, q, k, v, key_mask, a, s.B, scale);
-        else kn::launch_attention_mma<__half, 64>(out, q, k, v, key_mask, a, s.B, scale);
+        if (bf) kn::launch_attention_mma<__nv_bfloat16, 64>(out, q, k, v, key_mask, a, s.B, scale, rc, rs);
+        else kn::launch_attention_mma<__half, 64>(out, q, k, v, key_mask, a, s.B, scale, rc, rs);
       } else {
-        if (bf) kn::launch_attention_mma<__nv_bfloat16, 128>(out, q, k, v, key_mask, a, s.B, scale);
-        else kn::launch_attention_mma<__half, 128>(out, q, k, v, key_mask, a, s.B, scale);
+        if (bf) kn::launch_attention_mma<__nv_bfloat16, 128>(out, q, k, v, key_mask, a, s.B, scale, rc, rs);
+        else kn::launch_attention_mma<__half, 128>(out, q, k, v, key_mask, a, s.B, scale, rc, rs);
       }
       return;
     }
   }
-  if (s.DH <= 32) kn::launch_attention_exact<T, 1>(out, q, k, v, key_mask, a, s.B, scale);
-  else if (s.DH <= 64) kn::launch_attention_exact<T, 2>(out, q, k, v, key_mask, a, s.B, scale);
-  else if (s.DH <= 128) kn::launch_attention_exact<T, 4>(out, q, k, v, key_mask, a, s.B, scale);
-  else kn::launch_attention_exact<T, 8>(out, q, k, v, key_mask, a, s.B, scale);
+  if (s.DH <= 32) kn::launch_attention_exact<T, 1>(out, q, k, v, key_mask, a, s.B, scale, rc, rs);
+  else if (s.DH <= 64) kn::launch_attention_exact<T, 2>(out, q, k, v, key_mask, a, s.B, scale, rc, rs);
+  else if (s.DH <= 128) kn::launch_attention_exact<T, 4>(out, q, k, v, key_mask, a, s.B, scale, rc, rs);
+  else kn::launch_attention_exact<T, 8>(out, q, k, v, key_mask, a, s.B, scale, rc, rs);
 }
 
 }  // namespace distilx::ops
