@@ -6,7 +6,8 @@
 // AlignmentLoss<T, cuda> for every policy; DeltaDistillationLoss<float, cuda> end to end; one case
 // at the paper's shape (skipped when DISTILX_SKIP_LARGE is set, e.g. under compute-sanitizer).
 // Norm-relative tolerances per tensor: float 1e-5 on the row kernel, 1e-4 through the LM-head
-// GEMMs (TF32 off); double 1e-11 / 1e-10. Runs must be bit-identical.
+// GEMMs (TF32 off); double 1e-11 / 1e-10; bf16 and fp16 GEMM operands 2e-2 (the softmaxes, KL
+// and CE stay fp32). Runs must be bit-identical.
 #include <boost/mpl/list.hpp>
 #include <boost/test/unit_test.hpp>
 
@@ -21,6 +22,7 @@
 #include <vector>
 
 #include "distilx/cuda.cuh"
+#include "cuda_test_util.cuh"
 #include "distilx/testing/gradcheck.hpp"
 
 using namespace distilx;
@@ -411,6 +413,48 @@ BOOST_AUTO_TEST_CASE(distillation_loss_end_to_end) {
   BOOST_CHECK_CLOSE(mg.top1, mc.top1, 1e-9);
   w.check("dh_s", dh.host(), dh_c, 1e-4);
   for (index_t i = 0; i < L_s; ++i) w.check("dH_s[" + std::to_string(i) + "]", dgh[std::size_t(i)].host(), dH_c[std::size_t(i)], 1e-4);
+}
+
+// ---- 16-bit GEMM operands --------------------------------------------------------------------
+
+BOOST_AUTO_TEST_CASE(vocab_loss_16bit_gemms_match_cpu) {
+  // bf16 / fp16 LM-head products (fp32 accumulation), fp32 softmaxes, KL, CE and gradient: within
+  // 2e-2 of the exact CPU loss. Rows per chunk and width above 32 so the 16-bit path is taken
+  // (thinner products stay fp32); the result must differ from the fp32 GPU run, or it was not.
+  Worst w{"VocabLoss <float> with 16-bit GEMM operands"};
+  Rng rng(61);
+  VocabCase<float> c(rng, 200, 96, 3000);
+  Dev<float> h_s(c.h_s), E_s(c.E_s), h_t(c.h_t), W_t(c.W_t), dh(c.M * c.d), dh32(c.M * c.d);
+  VocabLossInputs<float> in_c{c.h_s.data(), c.E_s.data(), c.h_t.data(), c.W_t.data(), nullptr, c.targets.data(),
+                              c.mask.data(), c.M, c.d, c.d_t, c.V};
+  VocabLossInputs<float> in_g{h_s.p(), E_s.p(), h_t.p(), W_t.p(), nullptr, c.targets.data(), c.mask.data(), c.M, c.d,
+                              c.d_t, c.V};
+  for (Divergence K : {Divergence::forward_kl, Divergence::jsd}) {
+    VocabLossConfig cfg;
+    cfg.divergence = K;
+    cfg.beta = 0.3;
+    cfg.chunk_rows = 64;  // does not divide 200
+    VocabLoss<float> lc(cfg);
+    VocabLoss<float, distilx::cuda> lg(cfg);
+    std::vector<float> dh_c(std::size_t(c.M * c.d));
+    const VocabLossResult rc = lc.compute(in_c, 2.0, 0.8, 0.8, dh_c.data(), true);
+    VocabLossResult r32;
+    {
+      testing::MathModeScope fp32(cuda_backend::MathMode::fp32);
+      r32 = lg.compute(in_g, 2.0, 0.8, 0.8, dh32.p(), true);
+    }
+    for (auto mode : {cuda_backend::MathMode::bf16, cuda_backend::MathMode::fp16}) {
+      testing::MathModeScope scope(mode);
+      const VocabLossResult rg = lg.compute(in_g, 2.0, 0.8, 0.8, dh.p(), true);
+      const std::string what = std::string(to_string(K)) + " " + cuda_backend::to_string(mode);
+      w.check_scalar(what + " kl", rg.kl, rc.kl, 2e-2);
+      w.check_scalar(what + " ce", rg.ce, rc.ce, 2e-2);
+      const auto g = dh.host();
+      w.check(what + " dh_s", g, dh_c, 2e-2);
+      BOOST_CHECK_EQUAL(rg.positions, rc.positions);
+      BOOST_CHECK_MESSAGE(rg.kl != r32.kl && g != dh32.host(), what << ": same result as fp32, so no 16-bit GEMM ran");
+    }
+  }
 }
 
 // ---- the paper's shape ----------------------------------------------------------------------
