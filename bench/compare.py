@@ -44,13 +44,14 @@ def main():
     print(f"device: {ours.get('device')}; bf16 GEMM rate in this run (MFU denominator): "
           f"{ours.get('mfu_denominator_tflops', 0):.0f} TFLOP/s\n")
     print("| math | B x T | teacher fwd ms | student fwd ms | loss ms | backward ms | optimizer ms | "
-          "Distiller::step ms | tokens/s | MFU | reserved GiB |")
+          "Distiller::step ms | tokens/s | MFU | peak allocated GiB (weights) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in ours.get("steps", []):
         print(f"| {r['mode']} | {r['B']} x {r['T']} | {r['teacher_forward_ms']:.1f} | {r['student_forward_ms']:.1f} | "
               f"{r['loss_ms']:.1f} | {r['student_backward_ms']:.1f} | {r['optimizer_ms']:.1f} | "
               f"{r['distiller_step_ms']:.1f} | {r['distiller_tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
-              f"{r['peak_reserved_gib']:.1f} |")
+              f"{r.get('peak_allocated_gib', r.get('peak_reserved_gib', 0)):.1f} "
+              f"({r.get('weights_allocated_gib', 0):.1f}) |")
     print("\n| comparison (same run) | distilx | PyTorch | ratio |")
     print("|---|---|---|---|")
     for r in ours.get("steps", []):

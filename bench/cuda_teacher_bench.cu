@@ -26,51 +26,6 @@ using cuda_backend::MathMode;
 
 namespace {
 
-/// Fills x[n] with a + sd * u, u uniform with unit variance (a counter hash: fast, reproducible).
-__global__ void fill_kernel(float* x, index_t n, float a, float sd, std::uint64_t seed) {
-  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    std::uint64_t z = seed + 0x9E3779B97F4A7C15ull * static_cast<std::uint64_t>(i + 1);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    const float u = static_cast<float>(z >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;  // [-1, 1)
-    x[i] = a + sd * 1.7320508f * u;
-  }
-}
-
-/// The distributions of LlamaTeacher::init_random, drawn on the device (the host Rng would take
-/// tens of seconds for 1.5 B weights).
-void init_on_device(LlamaTeacher<float, distilx::cuda>& t) {
-  std::uint64_t seed = 1;
-  t.for_each_parameter([&](const std::string& name, Tensor<float, distilx::cuda>& w) {
-    const bool is_norm = name.size() > 11 && name.compare(name.size() - 11, 11, "norm.weight") == 0;
-    const bool is_bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
-    const bool is_embed = name == "model.embed_tokens.weight";
-    const double sd = is_norm || is_bias ? 0.1 : is_embed ? 1.0 : 1.0 / std::sqrt(double(w.dim(1)));
-    fill_kernel<<<1024, 256>>>(w.data(), w.size(), is_norm ? 1.0f : 0.0f, static_cast<float>(sd), seed++ * 7919);
-    DISTILX_CUDA_LAUNCH_CHECK();
-  });
-  DISTILX_CUDA_CHECK(cudaDeviceSynchronize());
-}
-
-io::HfModelConfig qwen25_15b(index_t layers) {
-  const nlohmann::json j{{"architectures", {"Qwen2ForCausalLM"}},
-                         {"model_type", "qwen2"},
-                         {"vocab_size", 151936},
-                         {"hidden_size", 1536},
-                         {"intermediate_size", 8960},
-                         {"num_hidden_layers", layers},
-                         {"num_attention_heads", 12},
-                         {"num_key_value_heads", 2},
-                         {"rms_norm_eps", 1e-6},
-                         {"max_position_embeddings", 32768},
-                         {"rope_theta", 1000000.0},
-                         {"use_sliding_window", false},
-                         {"tie_word_embeddings", true}};
-  return io::parse_hf_config(j, "Qwen2.5-1.5B shapes (in code)");
-}
-
 MathMode parse_mode(const std::string& s) {
   if (s == "fp32") return MathMode::fp32;
   if (s == "tf32") return MathMode::tf32;
@@ -120,7 +75,7 @@ int main(int argc, char** argv) {
   std::printf("device: %s; teacher: Qwen2.5-1.5B shapes, %lld layers, random weights, logits + all hidden states\n",
               prop.name, static_cast<long long>(layers));
 
-  const io::HfModelConfig cfg = qwen25_15b(layers);
+  const io::HfModelConfig cfg = bench::qwen25_15b(layers);
   const index_t NH = cfg.num_attention_heads, NKV = cfg.num_key_value_heads, DH = cfg.head_dim;
   struct Shape2 {
     index_t B, S;
@@ -167,7 +122,7 @@ int main(int argc, char** argv) {
 
   std::printf("\ninitialising %lld-layer teacher on the device...\n", static_cast<long long>(layers));
   LlamaTeacher<float, distilx::cuda> teacher(cfg);
-  init_on_device(teacher);
+  bench::init_teacher_on_device(teacher);
   std::printf("parameters: %zu (%.2f GiB fp32); device memory in use: %.2f GiB\n", teacher.num_parameters(),
               teacher.num_parameters() * 4.0 / double(1 << 30), used_gib());
 

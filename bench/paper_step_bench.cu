@@ -29,14 +29,6 @@ using cuda_backend::MathMode;
 
 namespace {
 
-io::HfModelConfig qwen25_15b() {
-  nlohmann::json j{{"architectures", {"Qwen2ForCausalLM"}}, {"model_type", "qwen2"}, {"vocab_size", 151936},
-                   {"hidden_size", 1536}, {"intermediate_size", 8960}, {"num_hidden_layers", 28},
-                   {"num_attention_heads", 12}, {"num_key_value_heads", 2}, {"rms_norm_eps", 1e-6},
-                   {"max_position_embeddings", 32768}, {"rope_theta", 1000000.0}, {"tie_word_embeddings", true}};
-  return io::parse_hf_config(j, "Qwen2.5-1.5B shapes");
-}
-
 struct Timer {
   cudaEvent_t e0, e1;
   Timer() {
@@ -99,15 +91,12 @@ nlohmann::json gemm_baselines() {
 }
 
 struct Workload {
-  LlamaTeacher<float, Dev> teacher{qwen25_15b()};
+  LlamaTeacher<float, Dev> teacher{bench::qwen25_15b()};
   StudentConfig sc = StudentConfig::paper();
   std::unique_ptr<Student<float, Dev>> student;
 
   Workload() {
-    Rng rng(1);
-    std::printf("initialising the teacher (1.54B parameters, random)...\n");
-    std::fflush(stdout);
-    teacher.init_random(rng);
+    bench::init_teacher_on_device(teacher);  // random weights, drawn on the device
     student = std::make_unique<Student<float, Dev>>(sc);
     student->init(1);
     copy_frozen_from_teacher(*student, teacher);
@@ -207,10 +196,24 @@ nlohmann::json distiller_step(Workload& w, index_t B, index_t T, int iters, cons
   dc.grad_accum = 1;
   dc.loss.chunk_rows = 2048;
   if (cuda_backend::math_mode() == MathMode::fp16) dc.loss_scale.enabled = true;
-  Distiller<Student<float, Dev>, LlamaTeacher<float, Dev>> d(*w.student, w.teacher, loader, dc);
-  d.step();  // warm-up
-  const double ms = wall_ms([&] { d.step(); }, iters);
-  return {{"step_ms", ms}, {"tokens_per_s", double(B * T) / ms * 1e3}};
+  // Peak memory of the step alone: drop what the phase breakdown cached (its second optimizer,
+  // workspaces), then count from the weights that are live now (teacher, student).
+  auto& alloc = cuda_backend::CachingAllocator::instance();
+  alloc.release_cached();
+  alloc.reset_peak();
+  const double gib = double(1ull << 30);
+  const double weights_gib = double(alloc.in_use_bytes()) / gib;
+  double ms = 0;
+  {
+    Distiller<Student<float, Dev>, LlamaTeacher<float, Dev>> d(*w.student, w.teacher, loader, dc);
+    d.step();  // warm-up
+    ms = wall_ms([&] { d.step(); }, iters);
+  }
+  return {{"step_ms", ms},
+          {"tokens_per_s", double(B * T) / ms * 1e3},
+          {"peak_allocated_gib", double(alloc.peak_in_use_bytes()) / gib},
+          {"weights_allocated_gib", weights_gib},
+          {"device_used_gib", used_gib()}};
 }
 
 /// Recurrent decoding: ms per token at batch 1 and 64 after ctx tokens of context; the state
@@ -306,16 +309,20 @@ int main(int argc, char** argv) {
       row["distiller_tokens_per_s"] = ds["tokens_per_s"];
       row["mfu"] = flops_per_token(T) * ds["tokens_per_s"].get<double>() / (bf16_rate * 1e12);
       row["teacher_tokens_per_s"] = double(B * T) / row["teacher_forward_ms"].get<double>() * 1e3;
+      row["peak_allocated_gib"] = ds["peak_allocated_gib"];  // Distiller::step's peak (max_memory_allocated)
+      row["weights_allocated_gib"] = ds["weights_allocated_gib"];
       row["peak_reserved_gib"] = double(cuda_backend::CachingAllocator::instance().reserved_bytes()) / double(1ull << 30);
-      row["device_used_gib"] = used_gib();
+      row["device_used_gib"] = ds["device_used_gib"];
       J["steps"].push_back(row);
       std::printf("%-4s B %2lld x T %4lld: teacher %.1f | student fwd %.1f | loss %.1f | backward %.1f | optimizer %.1f "
-                  "ms -> %.0f tokens/s; Distiller::step %.1f ms = %.0f tokens/s, MFU %.1f%%, reserved %.1f GiB\n",
+                  "ms -> %.0f tokens/s; Distiller::step %.1f ms = %.0f tokens/s, MFU %.1f%%, peak allocated %.1f GiB "
+                  "(weights %.1f), device used %.1f GiB\n",
                   to_string(mode), (long long)B, (long long)T, row["teacher_forward_ms"].get<double>(),
                   row["student_forward_ms"].get<double>(), row["loss_ms"].get<double>(),
                   row["student_backward_ms"].get<double>(), row["optimizer_ms"].get<double>(),
                   row["tokens_per_s"].get<double>(), ds["step_ms"].get<double>(), ds["tokens_per_s"].get<double>(),
-                  100 * row["mfu"].get<double>(), row["peak_reserved_gib"].get<double>());
+                  100 * row["mfu"].get<double>(), row["peak_allocated_gib"].get<double>(),
+                  row["weights_allocated_gib"].get<double>(), row["device_used_gib"].get<double>());
       std::fflush(stdout);
       if (!out_path.empty()) std::ofstream(out_path) << J.dump(2) << "\n";  // incrementally
     }

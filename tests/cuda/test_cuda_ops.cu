@@ -650,4 +650,26 @@ BOOST_AUTO_TEST_CASE(buffer_reuse_through_caching_allocator) {
   BOOST_CHECK_EQUAL(copy_of_b.size(), b.size());
 }
 
+BOOST_AUTO_TEST_CASE(allocator_counts_live_bytes_and_peak) {
+  // in_use counts live allocations by size class (512 B below 1 MiB, 2 MiB above); the peak
+  // holds the largest in_use since reset_peak(), whether the blocks came fresh or from the cache.
+  auto& a = cuda_backend::CachingAllocator::instance();
+  const std::size_t base = a.in_use_bytes();
+  a.reset_peak();
+  BOOST_CHECK_EQUAL(a.peak_in_use_bytes(), base);
+  {
+    Buffer<float, distilx::cuda> x(1000);       // 4000 B -> 4096
+    Buffer<float, distilx::cuda> y(3 << 18);    // 3 MiB -> 4 MiB
+    BOOST_CHECK_EQUAL(a.in_use_bytes(), base + 4096 + (std::size_t(4) << 20));
+  }
+  BOOST_CHECK_EQUAL(a.in_use_bytes(), base);
+  BOOST_CHECK_EQUAL(a.peak_in_use_bytes(), base + 4096 + (std::size_t(4) << 20));
+  a.reset_peak();
+  {
+    Buffer<float, distilx::cuda> z(1000);  // served from the cache: counted all the same
+    BOOST_CHECK_EQUAL(a.in_use_bytes(), base + 4096);
+  }
+  BOOST_CHECK_EQUAL(a.peak_in_use_bytes(), base + 4096);
+}
+
 BOOST_AUTO_TEST_SUITE_END()

@@ -37,6 +37,7 @@ class CachingAllocator {
         void* p = it->second.back();
         it->second.pop_back();
         live_[p] = sz;
+        note_in_use_(sz);
         return p;
       }
     }
@@ -51,6 +52,7 @@ class CachingAllocator {
     std::lock_guard<std::mutex> lk(mu_);
     live_[p] = sz;
     reserved_ += sz;
+    note_in_use_(sz);
     return p;
   }
   void deallocate(void* p) {
@@ -59,6 +61,7 @@ class CachingAllocator {
     auto it = live_.find(p);
     if (it == live_.end()) return;
     free_[it->second].push_back(p);
+    in_use_ -= it->second;
     live_.erase(it);
   }
   void release_cached() {
@@ -70,7 +73,16 @@ class CachingAllocator {
       }
     free_.clear();
   }
+  /// Bytes held from the device, cached free blocks included.
   std::size_t reserved_bytes() const { return reserved_; }
+  /// Bytes in live allocations (rounded to the size class), now and at most since reset_peak():
+  /// the analogue of torch.cuda.memory_allocated / max_memory_allocated.
+  std::size_t in_use_bytes() const { return in_use_; }
+  std::size_t peak_in_use_bytes() const { return peak_in_use_; }
+  void reset_peak() {
+    std::lock_guard<std::mutex> lk(mu_);
+    peak_in_use_ = in_use_;
+  }
 
  private:
   static std::size_t round(std::size_t b) {
@@ -81,7 +93,11 @@ class CachingAllocator {
   std::mutex mu_;
   std::map<std::size_t, std::vector<void*>> free_;
   std::map<void*, std::size_t> live_;
-  std::size_t reserved_ = 0;
+  void note_in_use_(std::size_t sz) {  // mu_ held
+    in_use_ += sz;
+    if (in_use_ > peak_in_use_) peak_in_use_ = in_use_;
+  }
+  std::size_t reserved_ = 0, in_use_ = 0, peak_in_use_ = 0;
 };
 
 /// The stream every distilx CUDA op of this host thread runs on.
