@@ -10,9 +10,12 @@
 #                                         equivalence and 2 -> 1 GPU resume), an mpirun smoke test
 #                                         when Open MPI is there, and the scaling measurement on
 #                                         1, 2 (and 4) GPUs; prints summary tables
-# Environment: BUILD_DIR (stage, default build-nccl), JOBS (stage, default 1), DISTILLER=OFF (stage:
+# Environment: BUILD_DIR (stage, default build-nccl), NO_CONFIGURE=1 (stage: keep BUILD_DIR's
+# configuration), JOBS (stage, default 1), DISTILLER=OFF (stage:
 # leave out the Distiller equivalence test), OUT (run: log directory, default /tmp/nccl-check),
-# BENCH_STEPS (default 10), BENCH_TF32 (default 1), BENCH_BATCH / BENCH_SEQ (per GPU, default 16 x 512),
+# BENCH_CASE (distill-bench | bench), BENCH_PRECISION (default bf16), BENCH_STEPS (default 10),
+# BENCH_TF32 (bench only, default 1), BENCH_BATCH / BENCH_SEQ (per GPU, default 16 x 512),
+# VARIANTS (default "replicate:1 zero1:1", mode:overlap),
 # ONLY=tests or ONLY=bench (run one half, e.g. to stay inside a 10-minute command limit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,13 +25,17 @@ STAGE=${STAGE_DIR:-.gpu-nccl}
 if [ "$mode" = stage ]; then
   set -e
   BUILD=${BUILD_DIR:-build-nccl}
-  cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DDISTILX_ENABLE_CUDA=ON -DDISTILX_CUDA_TEST_ONLY="test_cuda_ops.cu" \
-        -DDISTILX_NCCL_DISTILLER_TEST="${DISTILLER:-ON}" > /dev/null
+  # NO_CONFIGURE=1 reuses a build directory configured elsewhere (e.g. gpu-check's, with
+  # -DDISTILX_NCCL_DISTILLER_TEST=ON), so the app and the CUDA sources are compiled once.
+  if [ -z "${NO_CONFIGURE:-}" ]; then
+    cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DDISTILX_ENABLE_CUDA=ON -DDISTILX_CUDA_TEST_ONLY="test_cuda_ops.cu" \
+          -DDISTILX_NCCL_DISTILLER_TEST="${DISTILLER:-ON}" > /dev/null
+  fi
   cmake --build "$BUILD" -j "${JOBS:-1}" --target distilx_nccl_tests distilx_parallel_env_tests distilx_app
   rm -rf "$STAGE" && mkdir -p "$STAGE/lib"
   cp "$BUILD/tests/nccl/distilx_nccl_tests" "$BUILD/tests/nccl/distilx_parallel_env_tests" "$STAGE/"
   cp "$BUILD/examples/distilx" "$STAGE/distilx"  # the app: --gpus 2, then resume on 1 GPU
-  [ "${DISTILLER:-ON}" = ON ] && touch "$STAGE/distiller-enabled"
+  grep -q "^DISTILX_NCCL_DISTILLER_TEST:BOOL=ON" "$BUILD/CMakeCache.txt" && touch "$STAGE/distiller-enabled"
   for lib in $(ldd "$STAGE"/distilx_nccl_tests "$STAGE"/distilx_parallel_env_tests "$STAGE"/distilx | awk '/=>/ {print $3}' | sort -u); do
     case "$lib" in */libboost*|*/libpcre2*|*/libgomp*) cp -L "$lib" "$STAGE/lib/" ;; esac
   done
@@ -102,19 +109,25 @@ fi
 fi
 
 declare -A TPS STEP MEM
-# VARIANTS="replicate:1 zero1:1" limits the scaling runs (mode:overlap); default all three.
+# VARIANTS limits the scaling runs (mode:overlap pairs, e.g. "replicate:1 replicate:0 zero1:1").
 VARIANT_LIST=()
-for v in ${VARIANTS:-replicate:1 replicate:0 zero1:1}; do VARIANT_LIST+=("${v/:/ }"); done
+for v in ${VARIANTS:-replicate:1 zero1:1}; do VARIANT_LIST+=("${v/:/ }"); done
 counts="1"
 if [ "${ONLY:-all}" != tests ]; then
-echo; echo "== scaling: paper-size student training step, per-GPU batch ${BENCH_BATCH:-16} x ${BENCH_SEQ:-512} =="
+# BENCH_CASE=distill-bench (default): the whole paper-scale distillation step (Qwen2.5-1.5B-shaped
+# teacher, paper student, vocabulary loss; BENCH_PRECISION, default bf16); BENCH_CASE=bench: the
+# student's training step alone (BENCH_TF32).
+BENCH_CASE=${BENCH_CASE:-distill-bench}
+[ -e "$STAGE/distiller-enabled" ] || BENCH_CASE=bench
+echo; echo "== scaling ($BENCH_CASE): per-GPU batch ${BENCH_BATCH:-16} x ${BENCH_SEQ:-512} =="
 for g in 2 4 8; do [ "$NGPU" -ge $g ] && counts="$counts $g"; done
 for variant in "${VARIANT_LIST[@]}"; do
   set -- $variant
   m=$1; ov=$2
   for g in $counts; do
-    line=$(timeout 600 "$STAGE/distilx_nccl_tests" --case=bench --gpus=$g --zero1=$([ "$m" = zero1 ] && echo 1 || echo 0) \
-             --overlap=$ov --tf32=${BENCH_TF32:-1} --steps=${BENCH_STEPS:-10} --batch=${BENCH_BATCH:-16} \
+    if [ "$BENCH_CASE" = bench ]; then prec=(--tf32=${BENCH_TF32:-1}); else prec=(--precision=${BENCH_PRECISION:-bf16}); fi
+    line=$(timeout 600 "$STAGE/distilx_nccl_tests" --case=$BENCH_CASE --gpus=$g --zero1=$([ "$m" = zero1 ] && echo 1 || echo 0) \
+             --overlap=$ov "${prec[@]}" --steps=${BENCH_STEPS:-10} --warmup=2 --batch=${BENCH_BATCH:-16} \
              --seq=${BENCH_SEQ:-512} 2>&1 | tee "$OUT/bench_${m}_ov${ov}_g${g}.log" | grep "^RESULT")
     echo "${line:-no result (see $OUT/bench_${m}_ov${ov}_g${g}.log)}"
     k="$m/$ov/$g"

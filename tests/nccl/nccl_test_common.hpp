@@ -18,6 +18,7 @@ struct Args {
   int steps = 10, warmup = 3;
   bool zero1 = false, overlap = true, tf32 = false;
   double bucket_mb = 32;
+  std::string precision = "bf16";  ///< distill-bench: bf16, fp16, tf32 or fp32
   // distiller
   std::string out, reference, run_dir, resume;
   int max_steps = 20;
@@ -47,6 +48,7 @@ inline Args parse_args(int argc, char** argv) {
     else if (k == "--overlap") a.overlap = need() != "0";
     else if (k == "--tf32") a.tf32 = need() != "0";
     else if (k == "--bucket-mb") a.bucket_mb = std::atof(need().c_str());
+    else if (k == "--precision") a.precision = need();
     else if (k == "--out") a.out = need();
     else if (k == "--reference") a.reference = need();
     else if (k == "--run-dir") a.run_dir = need();

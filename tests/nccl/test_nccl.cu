@@ -12,6 +12,7 @@
 //   watchdog     same, while the waiting rank is blocked outside the policy: the watchdog aborts
 //   die          rank 1 exits mid-run: no hang (the launcher, or the deadline, ends rank 0)
 //   bench        tokens/s of the paper-size student's training step on this many GPUs
+//   distill-bench  tokens/s of the whole paper-scale distillation step (teacher included)
 //   distiller    (DISTILX_NCCL_DISTILLER_TEST) the Distiller's loss curve on N GPUs vs 1 GPU
 //
 // run_nccl_tests.sh runs them all and checks the fault cases' messages and exit codes.
@@ -526,6 +527,7 @@ int case_bench(par::Communicator& comm, const Args& args) {
 
 #if defined(DISTILX_NCCL_DISTILLER_TEST)
 int run_distiller_case(par::Communicator& comm, const Args& args, Checker& ck);  // test_nccl_distiller.cu
+int run_distill_bench_case(par::Communicator& comm, const Args& args);          // test_nccl_distiller.cu
 #endif
 
 int main(int argc, char** argv) {
@@ -572,6 +574,7 @@ int main(int argc, char** argv) {
     else if (args.case_name == "bench") rc = case_bench(*comm, args);
 #if defined(DISTILX_NCCL_DISTILLER_TEST)
     else if (args.case_name == "distiller") rc = run_distiller_case(*comm, args, ck);
+    else if (args.case_name == "distill-bench") rc = run_distill_bench_case(*comm, args);
 #endif
     else {
       std::fprintf(stderr, "unknown case '%s'\n", args.case_name.c_str());

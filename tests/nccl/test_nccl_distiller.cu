@@ -5,8 +5,13 @@
 // --stop-at step (root only; collective state gathered first); --resume DIR resumes from the newest
 // checkpoint in DIR, possibly written on another number of GPUs.
 //
+// --case=distill-bench (run_distill_bench_case) is the scaling measurement: the paper-scale step of
+// bench/paper_step_bench (Qwen2.5-1.5B-shaped teacher, paper student, --batch x --seq tokens per
+// GPU, bf16 by default) through Distiller::step on every rank; prints one RESULT line.
+//
 // Built only with -DDISTILX_NCCL_DISTILLER_TEST=ON: it needs the GPU Distiller with
 // set_data_parallel() and the CUDA teacher.
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -17,6 +22,7 @@
 
 #include "distilx/cuda.cuh"
 #include "distilx/parallel/data_parallel.cuh"
+#include "cuda_bench_util.cuh"  // bench/: the Qwen2.5-1.5B-shaped teacher for the scaling case
 #include "nccl_test_common.hpp"
 
 namespace dx = distilx;
@@ -153,6 +159,85 @@ int run_distiller_case(par::Communicator& comm, const nccl_test::Args& args, ncc
     }
     ck.expect("steps compared with the reference: " + std::to_string(compared), compared == static_cast<index_t>(curve.size()));
     ck.expect_le("worst relative loss difference to " + args.reference, worst, args.tolerance);
+  }
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weak scaling of the whole distillation step: each rank runs the paper-scale step on its own
+// --batch x --seq tokens (its slice of one shard), gradients reduced over NCCL (overlapped
+// buckets; --zero1 shards AdamW). Tokens/s counts every rank's tokens.
+int run_distill_bench_case(par::Communicator& comm, const nccl_test::Args& args) {
+  namespace cb = dx::cuda_backend;
+  const int W = comm.world_size(), r = comm.rank();
+  cb::set_math_mode(args.precision == "fp32" ? cb::MathMode::fp32
+                    : args.precision == "tf32" ? cb::MathMode::tf32
+                    : args.precision == "fp16" ? cb::MathMode::fp16
+                                               : cb::MathMode::bf16);
+  const index_t B = args.batch, T = args.seq;
+  dx::LlamaTeacher<float, Dev> teacher(dx::bench::qwen25_15b());
+  dx::bench::init_teacher_on_device(teacher);  // same weights on every rank
+  const dx::StudentConfig sc = dx::StudentConfig::paper();
+  dx::Student<float, Dev> student(sc);
+  student.init(1);
+  dx::copy_frozen_from_teacher(student, teacher);
+
+  const fs::path dir = fs::temp_directory_path() / ("distilx_nccl_bench_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const std::string shard = (dir / "bench_000000.bin").string();
+  {
+    const index_t windows = static_cast<index_t>(W) * B * (args.warmup + args.steps + 2);
+    std::vector<std::int32_t> toks(static_cast<std::size_t>(windows * (T + 1)));
+    dx::Rng rng(5);
+    for (auto& t : toks) t = static_cast<std::int32_t>(rng.below(static_cast<std::uint64_t>(sc.vocab_size)));
+    dx::data::write_shard(shard, toks);
+  }
+  dx::data::LoaderOptions lo;
+  lo.seq_len = T;
+  lo.batch_size = B;
+  lo.world_size = W;
+  lo.rank = r;
+  lo.vocab_size = static_cast<std::int32_t>(sc.vocab_size);
+  dx::data::TokenLoader loader({shard}, lo);
+  dx::DistillerConfig cfg;
+  cfg.max_steps = 1000;
+  cfg.grad_accum = 1;
+  cfg.loss.chunk_rows = 2048;
+  if (cb::math_mode() == cb::MathMode::fp16) cfg.loss_scale.enabled = true;
+  dx::Distiller<dx::Student<float, Dev>, dx::LlamaTeacher<float, Dev>> d(student, teacher, loader, cfg);
+  par::DataParallelOptions o;
+  o.mode = args.zero1 ? par::ShardingMode::zero1 : par::ShardingMode::replicate;
+  o.overlap = args.overlap;
+  o.adamw = cfg.adamw;
+  o.bucket_bytes = static_cast<std::size_t>(args.bucket_mb * (1 << 20));
+  std::shared_ptr<par::NcclDataParallel<float>> dp;
+  if (W > 1 || args.zero1) {
+    dp = std::make_shared<par::NcclDataParallel<float>>(
+        std::shared_ptr<par::Communicator>(&comm, [](par::Communicator*) {}), student, o);
+    d.set_data_parallel(dp);
+  }
+  auto barrier = [&] {
+    if (dp) dp->barrier();
+  };
+  auto& alloc = cb::CachingAllocator::instance();
+  for (int i = 0; i < args.warmup; ++i) d.step();
+  DISTILX_CUDA_CHECK(cudaDeviceSynchronize());
+  alloc.reset_peak();
+  barrier();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < args.steps; ++i) d.step();
+  DISTILX_CUDA_CHECK(cudaDeviceSynchronize());
+  barrier();
+  const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / args.steps;
+  fs::remove_all(dir);
+  if (r == 0) {
+    cudaDeviceProp prop{};
+    DISTILX_CUDA_CHECK(cudaGetDeviceProperties(&prop, comm.device()));
+    std::printf("RESULT gpus=%d mode=%s overlap=%d precision=%s batch_per_gpu=%lld seq=%lld step_ms=%.2f "
+                "tokens_per_s=%.0f mem_gib=%.2f device=\"%s\"\n",
+                W, par::to_string(o.mode), int(o.overlap), args.precision.c_str(), (long long)B, (long long)T, dt * 1e3,
+                double(B * T * W) / dt, double(alloc.peak_in_use_bytes()) / double(1ull << 30), prop.name);
+    std::fflush(stdout);
   }
   return 0;
 }
