@@ -44,6 +44,12 @@ OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 if [ "$mode" = bench ]; then
+  # What the compiler made of the kernels: registers, spills (LOCAL, LDL/STL), tensor-core instructions.
+  if command -v cuobjdump > /dev/null && [ -x "$STAGE/paper_step_bench" ]; then
+    python3 scripts/sass_report.py "$STAGE/paper_step_bench" > "$OUT/sass.md" 2>&1
+    echo "== kernel resources and SASS (paper_step_bench): $(grep -c '^| [a-z_]' "$OUT/sass.md") kernels"
+    grep -E "attention|slstm|mlstm|distill_rows" "$OUT/sass.md" | head -40
+  fi
   export DISTILX_DEMO_DIR=$PWD/examples/demo
   # The demo on the CPU (same binary, most cores) runs beside the GPU work.
   (OMP_NUM_THREADS=10 "$STAGE/distilx" demo --device cpu --out /tmp/demo-cpu > "$OUT/demo_cpu.txt" 2>&1; echo "exit $?" >> "$OUT/demo_cpu.txt") &
