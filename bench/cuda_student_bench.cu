@@ -5,7 +5,8 @@
 // invalidated once per step as the Distiller does after its optimizer update). Same-run GEMM
 // baselines per mode at the mLSTM up-projection shape and at 8192^3 (the ceiling), including a
 // bare cublasGemmEx on operands already in bf16. The loss and the teacher are not part of this
-// measurement (backward starts from d hidden).
+// measurement (backward starts from d hidden). First, one mLSTM cell (16 heads of 192) and one sLSTM cell
+// (16 heads of 96) forward + backward alone, the mLSTM's chunk products on FMA and on tensor cores.
 #include <chrono>
 #include <functional>
 #include <cstdio>
@@ -61,6 +62,55 @@ void gemm_baseline(index_t M, index_t N, index_t K, int iters) {
   }
   cuda_backend::set_math_mode(MathMode::fp32);
 }
+/// Fills a device buffer with uniform values in [lo, hi) (no host generation).
+void fill(Buffer<float, distilx::cuda>& b, float lo, float hi, std::uint64_t seed) {
+  bench::detail::fill_uniform_kernel<><<<1024, 256, 0, cuda_backend::current_stream()>>>(
+      b.data(), b.size(), 0.5f * (lo + hi), (hi - lo) / (2.0f * 1.7320508f), seed);
+  DISTILX_CUDA_LAUNCH_CHECK();
+}
+
+/// One paper-config cell of each kind, forward + backward on 8192 tokens (the gates' gradients included).
+void cell_bench() {
+  for (const auto& bt : std::vector<std::pair<index_t, index_t>>{{16, 512}, {4, 2048}}) {
+    const index_t B = bt.first, T = bt.second;
+    {  // mLSTM: 16 heads of 192 (inner width 3072), chunk 64
+      const index_t NH = 16, DH = 192, nf = B * T * NH * DH, ng = B * T * NH;
+      Buffer<float, distilx::cuda> q(nf), k(nf), v(nf), dh(nf), h(nf), dq(nf), dk(nf), dv(nf), ig(ng), fg(ng),
+          dig(ng), dfg(ng);
+      fill(q, -1.7f, 1.7f, 1), fill(k, -1.7f, 1.7f, 2), fill(v, -1.7f, 1.7f, 3), fill(dh, -1.f, 1.f, 4);
+      fill(ig, -4.f, 4.f, 5), fill(fg, -3.f, 6.f, 6);
+      MLSTMCell<float, distilx::cuda> cell(NH, DH, MLSTMForm::chunkwise, 64);
+      cuda_backend::set_math_mode(MathMode::bf16);
+      for (bool tc : {false, true}) {
+        cuda_backend::set_mlstm_tensor_cores(tc);
+        const double fwd = time_ms([&] { cell.forward(h.data(), q.data(), k.data(), v.data(), ig.data(), fg.data(), B, T); }, 5);
+        const double both = time_ms([&] {
+          cell.forward(h.data(), q.data(), k.data(), v.data(), ig.data(), fg.data(), B, T);
+          cell.backward(dq.data(), dk.data(), dv.data(), dig.data(), dfg.data(), dh.data(), q.data(), k.data(),
+                        v.data(), ig.data(), fg.data(), B, T);
+        }, 5);
+        std::printf("cell mLSTM 16x192 B %lld x T %lld, chunk products on %-12s: forward %.3f ms, forward+backward "
+                    "%.3f ms\n", (long long)B, (long long)T, tc ? "tensor cores" : "FMA", fwd, both);
+      }
+      cuda_backend::set_mlstm_tensor_cores(true);
+      cuda_backend::set_math_mode(MathMode::fp32);
+    }
+    {  // sLSTM: 16 heads of 96 (d 1536), the persistent recurrent kernels
+      const index_t NH = 16, DH = 96, H = NH * DH;
+      Buffer<float, distilx::cuda> wx(B * T * 4 * H), y(B * T * H), dy(B * T * H), dwx(B * T * 4 * H),
+          R(NH * DH * 4 * DH), dR(NH * DH * 4 * DH), bias(4 * H), dbias(4 * H);
+      fill(wx, -1.f, 1.f, 7), fill(dy, -1.f, 1.f, 8), fill(R, -0.1f, 0.1f, 9), fill(bias, -1.f, 1.f, 10);
+      SLSTMCell<float, distilx::cuda> cell(NH, DH);
+      const double fwd = time_ms([&] { cell.forward(y.data(), wx.data(), R.data(), bias.data(), B, T); }, 5);
+      const double both = time_ms([&] {
+        cell.forward(y.data(), wx.data(), R.data(), bias.data(), B, T);
+        cell.backward(dwx.data(), dR.data(), dbias.data(), dy.data(), R.data(), B, T);
+      }, 5);
+      std::printf("cell sLSTM 16x96 B %lld x T %lld: forward %.3f ms, forward+backward (dR, dbias included) %.3f ms\n",
+                  (long long)B, (long long)T, fwd, both);
+    }
+  }
+}
 }  // namespace
 
 int main() {
@@ -78,6 +128,7 @@ int main() {
     host_init.init(1);
     s.set_params(host_init.params_to_host().data());
   }
+  cell_bench();
   // GEMM baselines in the same run: the mLSTM up-projection (M 8192, K 1536, N 6144) and a
   // large square for the ceiling.
   gemm_baseline(8192, 6144, 1536, 10);

@@ -7,6 +7,8 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <mutex>
+
 #include "distilx/core/error.hpp"
 
 namespace distilx {
@@ -51,3 +53,25 @@ namespace detail {
 #else
 #define DISTILX_CUDA_LAUNCH_CHECK() DISTILX_CUDA_CHECK(cudaGetLastError())
 #endif
+
+namespace distilx::cuda_backend::detail {
+/// Compute capability major version of the current device (cached per device).
+inline int device_cc_major() {
+  int dev = 0;
+  DISTILX_CUDA_CHECK(cudaGetDevice(&dev));
+  static std::mutex mu;
+  static int cached[64];
+  static bool known[64] = {};
+  std::lock_guard<std::mutex> lk(mu);
+  if (dev < 0 || dev >= 64) {
+    int v = 0;
+    DISTILX_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, dev));
+    return v;
+  }
+  if (!known[dev]) {
+    DISTILX_CUDA_CHECK(cudaDeviceGetAttribute(&cached[dev], cudaDevAttrComputeCapabilityMajor, dev));
+    known[dev] = true;
+  }
+  return cached[dev];
+}
+}  // namespace distilx::cuda_backend::detail

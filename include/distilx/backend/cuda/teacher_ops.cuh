@@ -56,25 +56,6 @@ inline const char* to_string(AttentionKernel k) {
 }
 
 namespace detail {
-/// Compute capability major version of the current device (cached per device).
-inline int device_cc_major() {
-  int dev = 0;
-  DISTILX_CUDA_CHECK(cudaGetDevice(&dev));
-  static std::mutex mu;
-  static int cached[64];
-  static bool known[64] = {};
-  std::lock_guard<std::mutex> lk(mu);
-  if (dev < 0 || dev >= 64) {
-    int v = 0;
-    DISTILX_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, dev));
-    return v;
-  }
-  if (!known[dev]) {
-    DISTILX_CUDA_CHECK(cudaDeviceGetAttribute(&cached[dev], cudaDevAttrComputeCapabilityMajor, dev));
-    known[dev] = true;
-  }
-  return cached[dev];
-}
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 }  // namespace detail
 
