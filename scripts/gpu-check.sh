@@ -51,21 +51,25 @@ if [ "$mode" = bench ]; then
     grep -E "attention|slstm|mlstm|distill_rows" "$OUT/sass.md" | head -40
   fi
   export DISTILX_DEMO_DIR=$PWD/examples/demo
+  # DEMO=0 / PAPER=0 leave out the demo runs / paper_step_bench (to split the work over calls).
   # The demo on the CPU (same binary, most cores) runs beside the GPU work.
-  (OMP_NUM_THREADS=10 "$STAGE/distilx" demo --device cpu --out /tmp/demo-cpu > "$OUT/demo_cpu.txt" 2>&1; echo "exit $?" >> "$OUT/demo_cpu.txt") &
+  [ "${DEMO:-1}" = 1 ] && (OMP_NUM_THREADS=10 "$STAGE/distilx" demo --device cpu --out /tmp/demo-cpu > "$OUT/demo_cpu.txt" 2>&1; echo "exit $?" >> "$OUT/demo_cpu.txt") &
   export OMP_NUM_THREADS=4
   for b in ${BENCHES:-cuda_student_bench cuda_loss_bench cuda_teacher_bench}; do
     [ -x "$STAGE/$b" ] && { echo "== $b"; "$STAGE/$b" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/$b.txt"; }
   done
   # The PyTorch baselines in the same lease (bench/baselines; BASELINES="teacher step decode").
   [ -n "${BASELINES:-}" ] && BASELINES="$BASELINES" bash bench/baselines/run_all.sh "$OUT" > "$OUT/baselines.txt" 2>&1
-  for p in fp32 bf16; do
-    "$STAGE/distilx" demo --device cuda --precision $p --out /tmp/demo-gpu-$p > "$OUT/demo_gpu_$p.txt" 2>&1
-    echo "demo on the GPU ($p): exit $?"
-  done
-  "$STAGE/paper_step_bench" --out "$OUT/paper_step.json" ${PAPER_ARGS:---short-decode} 2>&1 | tee "$OUT/paper_step.txt"
+  if [ "${DEMO:-1}" = 1 ]; then
+    for p in fp32 bf16; do
+      "$STAGE/distilx" demo --device cuda --precision $p --out /tmp/demo-gpu-$p > "$OUT/demo_gpu_$p.txt" 2>&1
+      echo "demo on the GPU ($p): exit $?"
+    done
+  fi
+  [ "${PAPER:-1}" = 1 ] && "$STAGE/paper_step_bench" --out "$OUT/paper_step.json" ${PAPER_ARGS:---short-decode} 2>&1 | tee "$OUT/paper_step.txt"
   wait
-  python3 bench/compare.py "$OUT" --plot "$OUT/step_phases.png" 2>&1 | tee "$OUT/compare.txt"
+  [ -e "$OUT/paper_step.json" ] && python3 bench/compare.py "$OUT" --plot "$OUT/step_phases.png" 2>&1 | tee "$OUT/compare.txt"
+  [ "${DEMO:-1}" = 1 ] || exit 0
   echo
   echo "| demo run | distilled ppl | CE-only ppl | teacher ppl | time |"
   echo "|---|---|---|---|---|"
