@@ -248,6 +248,59 @@ BOOST_AUTO_TEST_CASE(attention_tensor_cores_match_cpu) {
   }
 }
 
+BOOST_AUTO_TEST_CASE(fused_projections_match_cpu) {
+  // ops::qkv_forward and ops::gated_mlp_forward (ops/fused.hpp) on the GPU against the CPU ops: in
+  // fp32 the generic sequence (1e-5); in bf16 / fp16 the input converted once, and in bf16 the
+  // MLP's intermediate kept in 16 bits (2e-2); 16-bit results must differ from the fp32 GPU ones
+  // (a 16-bit path ran). Biases on and off; F = 200 takes the 8-wide kernel, F = 203 the scalar one.
+  Rng rng(13);
+  const index_t M = 100, d = 96, nq = 128, nkv = 64;
+  for (const index_t F : {index_t(200), index_t(203)})
+    for (const bool biases : {true, false}) {
+      const auto x = randv<float>(M * d, rng), wq = randv<float>(nq * d, rng), wk = randv<float>(nkv * d, rng),
+                 wv = randv<float>(nkv * d, rng), wg = randv<float>(F * d, rng), wu = randv<float>(F * d, rng),
+                 wd = randv<float>(d * F, rng), res = randv<float>(M * d, rng);
+      const auto bq = randv<float>(nq, rng), bk = randv<float>(nkv, rng), bv = randv<float>(nkv, rng),
+                 bg = randv<float>(F, rng), bu = randv<float>(F, rng);
+      auto bias = [&](const std::vector<float>& b) { return biases ? b.data() : nullptr; };
+      std::vector<float> q(static_cast<std::size_t>(M * nq)), k(static_cast<std::size_t>(M * nkv)), v(k.size()),
+          y = res, g(static_cast<std::size_t>(M * F)), u(g.size());
+      ops::qkv_forward(cpu{}, q.data(), k.data(), v.data(), x.data(), wq.data(), bias(bq), wk.data(), bias(bk),
+                       wv.data(), bias(bv), M, d, nq, nkv);
+      ops::gated_mlp_forward<ops::Silu>(cpu{}, y.data(), x.data(), wg.data(), bias(bg), wu.data(), bias(bu), wd.data(),
+                                        M, d, F, g.data(), u.data());
+      auto dx = device_of(x), dwq = device_of(wq), dwk = device_of(wk), dwv = device_of(wv), dwg = device_of(wg),
+           dwu = device_of(wu), dwd = device_of(wd), dbq = device_of(bq), dbk = device_of(bk), dbv = device_of(bv),
+           dbg = device_of(bg), dbu = device_of(bu);
+      auto dbias = [&](Buffer<float, distilx::cuda>& b) { return biases ? static_cast<const float*>(b.data()) : nullptr; };
+      std::vector<float> y32;
+      for (cb::MathMode mode : {cb::MathMode::fp32, cb::MathMode::bf16, cb::MathMode::fp16}) {
+        MathModeScope scope(mode);
+        Buffer<float, distilx::cuda> gq(M * nq), gk(M * nkv), gv(M * nkv), gy(M * d), gg(M * F), gu(M * F);
+        gy.copy_from_host(res.data(), M * d);
+        ops::qkv_forward(distilx::cuda{}, gq.data(), gk.data(), gv.data(), dx.data(), dwq.data(), dbias(dbq),
+                         dwk.data(), dbias(dbk), dwv.data(), dbias(dbv), M, d, nq, nkv);
+        ops::gated_mlp_forward<ops::Silu>(distilx::cuda{}, gy.data(), dx.data(), dwg.data(), dbias(dbg), dwu.data(),
+                                          dbias(dbu), dwd.data(), M, d, F, gg.data(), gu.data());
+        const double tol = mode == cb::MathMode::fp32 ? 1e-5 : 2e-2;
+        const std::string what = std::string(cb::to_string(mode)) + " F " + std::to_string(F) +
+                                 (biases ? " with biases" : " without biases");
+        const auto hy = gy.to_host();
+        const double eq = relative_error(gq.to_host().data(), q.data(), M * nq),
+                     ek = relative_error(gk.to_host().data(), k.data(), M * nkv),
+                     ev = relative_error(gv.to_host().data(), v.data(), M * nkv),
+                     ey = relative_error(hy.data(), y.data(), M * d);
+        BOOST_TEST(eq <= tol, what << ": q relative error " << eq);
+        BOOST_TEST(ek <= tol, what << ": k relative error " << ek);
+        BOOST_TEST(ev <= tol, what << ": v relative error " << ev);
+        BOOST_TEST(ey <= tol, what << ": MLP output relative error " << ey);
+        BOOST_TEST_MESSAGE("fused projections " << what << ": q " << eq << ", k " << ek << ", v " << ev << ", MLP " << ey);
+        if (mode == cb::MathMode::fp32) y32 = hy;
+        else BOOST_TEST((hy != y32), what << ": same MLP output as fp32, so the 16-bit path did not run");
+      }
+    }
+}
+
 BOOST_AUTO_TEST_CASE(attention_bad_shapes_refused) {
   ops::CausalAttentionShape s;
   s.B = 1;

@@ -26,6 +26,7 @@
 #include "distilx/ops/attention.hpp"
 #include "distilx/ops/elementwise.hpp"
 #include "distilx/ops/embedding.hpp"
+#include "distilx/ops/fused.hpp"
 #include "distilx/ops/linear.hpp"
 #include "distilx/ops/norm.hpp"
 #include "distilx/ops/rope.hpp"
@@ -264,9 +265,9 @@ class LlamaTeacher {
       const Layer& ly = layers_[static_cast<std::size_t>(l)];
       // Attention block.
       ops::rmsnorm_forward(be, xn_.data(), static_cast<T*>(nullptr), x_.data(), ly.input_norm.data(), M, d, eps);
-      ops::linear_forward(be, q_.data(), xn_.data(), ly.wq.data(), bias_(ly.bq), M, d, NH * DH);  // [M, NH, DH]
-      ops::linear_forward(be, k_.data(), xn_.data(), ly.wk.data(), bias_(ly.bk), M, d, NKV * DH);  // [M, NKV, DH]
-      ops::linear_forward(be, v_.data(), xn_.data(), ly.wv.data(), bias_(ly.bv), M, d, NKV * DH);  // [M, NKV, DH]
+      // q [M, NH, DH]; k, v [M, NKV, DH]
+      ops::qkv_forward(be, q_.data(), k_.data(), v_.data(), xn_.data(), ly.wq.data(), bias_(ly.bq), ly.wk.data(),
+                       bias_(ly.bk), ly.wv.data(), bias_(ly.bv), M, d, NH * DH, NKV * DH);
       ash.window = cfg_.sliding_window[static_cast<std::size_t>(l)];
       // RoPE is applied inside the attention op, to q and k as it reads them.
       ops::causal_attention_forward(be, att_.data(), q_.data(), k_.data(), v_.data(), key_mask, ash, scale,
@@ -277,11 +278,10 @@ class LlamaTeacher {
       if (cfg_.o_bias) ops::add_row_vector(be, x_.data(), ly.bo.data(), M, d);
       // SwiGLU MLP block.
       ops::rmsnorm_forward(be, xn_.data(), static_cast<T*>(nullptr), x_.data(), ly.post_norm.data(), M, d, eps);
-      ops::linear_forward(be, gate_.data(), xn_.data(), ly.w_gate.data(), bias_(ly.b_gate), M, d, F);  // [M, F]
-      ops::linear_forward(be, up_.data(), xn_.data(), ly.w_up.data(), bias_(ly.b_up), M, d, F);        // [M, F]
-      ops::gated_forward<ops::Silu>(be, gate_.data(), gate_.data(), up_.data(), M * F);
-      ops::gemm(be, ops::Trans::no, ops::Trans::yes, M, d, F, T(1), gate_.data(), F, ly.w_down.data(), F, T(1),
-                x_.data(), d);
+      // x += down(silu(gate(xn)) * up(xn)); gate_ and up_ are its [M, F] scratch.
+      ops::gated_mlp_forward<ops::Silu>(be, x_.data(), xn_.data(), ly.w_gate.data(), bias_(ly.b_gate),
+                                        ly.w_up.data(), bias_(ly.b_up), ly.w_down.data(), M, d, F, gate_.data(),
+                                        up_.data());
       if (cfg_.mlp_bias) ops::add_row_vector(be, x_.data(), ly.b_down.data(), M, d);
       if (hidden_states && l + 1 < L && kept(l + 1))
         ops::copy(be, (*hidden_states)[static_cast<std::size_t>(l + 1)].data(), x_.data(), M * d);

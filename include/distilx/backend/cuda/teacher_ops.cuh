@@ -1,5 +1,6 @@
-// CUDA overloads of the teacher's ops (ops/rope.hpp, ops/attention.hpp): the RoPE tables and
-// rotation, and a fused causal grouped-query attention in the flash-attention style.
+// CUDA overloads of the teacher's ops (ops/rope.hpp, ops/attention.hpp, ops/fused.hpp): the RoPE
+// tables and rotation, a fused causal grouped-query attention in the flash-attention style, and
+// the layer's projections with 16-bit activations between them.
 //
 // Same names, arguments and semantics as the CPU ops; every pointer is a device pointer (the
 // positions and inverse frequencies of rope_cos_sin and the key mask of the attention included).
@@ -18,6 +19,15 @@
 //    QK^T and PV run on mma.sync m16n8k16 with fp32 accumulation, softmax in fp32 (P rounded to
 //    16 bits for the PV product, as flash-attention does).
 // Both are deterministic: no atomics, a fixed summation order for a given shape.
+//
+// Projections. qkv_forward (bf16 / fp16) converts the normed input to 16 bits once for its three
+// products (the generic path would convert it per product). gated_mlp_forward (bf16) writes the
+// gate and up products in bf16 (fp32 accumulation; into the storage of the fp32 scratch the
+// caller passes), applies bias, activation and product in fp32 in one pass that writes bf16
+// back in place, and hands that to the down projection as its 16-bit operand: the [M, F]
+// intermediate crosses memory three times in bf16 instead of five times in fp32 plus a
+// conversion. fp16 keeps fp32 intermediates (they could overflow 65504); fp32 / tf32 and thin
+// products run the CPU op's sequence.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -26,6 +36,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <mutex>
 #include <type_traits>
@@ -39,6 +50,7 @@
 #include "distilx/core/error.hpp"
 // CausalAttentionShape, RopeSpec; these headers call no op qualified, so including them here is safe.
 #include "distilx/ops/attention.hpp"
+#include "distilx/ops/fused.hpp"
 #include "distilx/ops/rope.hpp"
 
 namespace distilx::cuda_backend {
@@ -611,10 +623,138 @@ void launch_attention_mma(float* out, const float* q, const float* k, const floa
   DISTILX_CUDA_LAUNCH_CHECK();
 }
 
+// ---- gated MLP: bias + activation + product on 16-bit storage ------------------------------
+
+template <class H>
+__device__ inline float half_to_float(H x) {
+  if constexpr (std::is_same_v<H, __nv_bfloat16>) return __bfloat162float(x);
+  else return __half2float(x);
+}
+template <class H>
+__device__ inline H float_to_half(float x) {
+  if constexpr (std::is_same_v<H, __nv_bfloat16>) return __float2bfloat16_rn(x);
+  else return __float2half_rn(x);
+}
+
+/// g[i] = Act(g[i] + bg[i % F]) * (u[i] + bu[i % F]) over [M, F] 16-bit values, in fp32, in place
+/// on g; bg, bu may be null. VEC elements per thread step (VEC 8 needs F % 8 == 0 and 16-byte
+/// aligned rows: one uint4 load of each operand).
+template <class Act, class H, int VEC>
+__global__ void gated_bias_half_kernel(H* __restrict__ g, const H* __restrict__ u, const float* __restrict__ bg,
+                                       const float* __restrict__ bu, index_t M, index_t F) {
+  const index_t n = M * F / VEC;
+  for (index_t i = global_id(); i < n; i += global_stride()) {
+    H gv[VEC], uv[VEC];
+    if constexpr (VEC == 8) {
+      *reinterpret_cast<uint4*>(gv) = reinterpret_cast<const uint4*>(g)[i];
+      *reinterpret_cast<uint4*>(uv) = reinterpret_cast<const uint4*>(u)[i];
+    } else {
+      gv[0] = g[i];
+      uv[0] = u[i];
+    }
+    const index_t c0 = (i * VEC) % F;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const float a = half_to_float(gv[e]) + (bg ? bg[c0 + e] : 0.f);
+      const float b = half_to_float(uv[e]) + (bu ? bu[c0 + e] : 0.f);
+      gv[e] = float_to_half<H>(Act::f(a) * b);
+    }
+    if constexpr (VEC == 8) reinterpret_cast<uint4*>(g)[i] = *reinterpret_cast<const uint4*>(gv);
+    else g[i] = gv[0];
+  }
+}
+
 }  // namespace kernels
+
+namespace detail {
+/// y[M, N] (type ty, row pitch ldy) = alpha a[M, K] w[N, K]^T + beta y for 16-bit operands a and w
+/// (row pitches in the HalfOperands), fp32 accumulation.
+inline void half_gemm_nt(index_t M, index_t N, index_t K, const HalfOperand& a, const HalfOperand& w, cudaDataType_t t16,
+                         float beta, void* y, cudaDataType_t ty, index_t ldy) {
+  const float alpha = 1.0f;
+  DISTILX_CUBLAS_CHECK(cublasGemmEx_64(cublas_handle(true), CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, w.p, t16, w.ld,
+                                       a.p, t16, a.ld, &beta, y, ty, ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+/// Whether the projections of a layer with input width d and output widths n... take the 16-bit
+/// path: a half math mode and no thin product.
+inline bool fused_half_path(MathMode mode, index_t M, index_t d, std::initializer_list<index_t> widths) {
+  if (!is_half_mode(mode) || M <= kThinDim || d <= kThinDim) return false;
+  for (index_t n : widths)
+    if (n <= kThinDim) return false;
+  return true;
+}
+}  // namespace detail
 }  // namespace distilx::cuda_backend
 
 namespace distilx::ops {
+
+// ---- projections (ops/fused.hpp) ----------------------------------------------------------------
+
+/// q, k, v = x W^T (+ b) for the three weights; in bf16 / fp16 x is converted to 16 bits once.
+template <class T>
+void qkv_forward(cuda be, T* q, T* k, T* v, const T* x, const T* wq, const T* bq, const T* wk, const T* bk,
+                 const T* wv, const T* bv, index_t M, index_t d, index_t nq, index_t nkv) {
+  namespace cd = ::distilx::cuda_backend::detail;
+  if constexpr (std::is_same_v<T, float>) {
+    const auto mode = ::distilx::cuda_backend::math_mode();
+    if (cd::fused_half_path(mode, M, d, {nq, nkv})) {
+      const cd::HalfOperand a = cd::half_operand(cd::Operand{x, M, d, d, 0, 1}, mode, 0);
+      const cudaDataType_t t16 = cd::half_type(mode);
+      const T* ws[3] = {wq, wk, wv};
+      const T* bs[3] = {bq, bk, bv};
+      T* ys[3] = {q, k, v};
+      const index_t ns[3] = {nq, nkv, nkv};
+      for (int i = 0; i < 3; ++i) {
+        const cd::HalfOperand w = cd::half_operand(cd::Operand{ws[i], ns[i], d, d, 0, 1}, mode, 1);
+        cd::half_gemm_nt(M, ns[i], d, a, w, t16, 0.0f, ys[i], CUDA_R_32F, ns[i]);
+        if (bs[i]) add_row_vector(be, ys[i], bs[i], M, ns[i]);
+      }
+      return;
+    }
+  }
+  linear_forward(be, q, x, wq, bq, M, d, nq);
+  linear_forward(be, k, x, wk, bk, M, d, nkv);
+  linear_forward(be, v, x, wv, bv, M, d, nkv);
+}
+
+/// x += (Act(xn Wg^T + bg) * (xn Wu^T + bu)) Wd^T. In bf16 the [M, F] intermediate lives in 16 bits
+/// inside the gate / up scratch (see the top of this file).
+template <class Act, class T>
+void gated_mlp_forward(cuda be, T* x, const T* xn, const T* wg, const T* bg, const T* wu, const T* bu, const T* wd,
+                       index_t M, index_t d, index_t F, T* gate, T* up) {
+  namespace cd = ::distilx::cuda_backend::detail;
+  namespace k = ::distilx::cuda_backend::kernels;
+  if constexpr (std::is_same_v<T, float>) {
+    // bf16 only: in fp16 the intermediate could overflow (65504) where the fp32 one does not.
+    const auto mode = ::distilx::cuda_backend::math_mode();
+    if (mode == ::distilx::cuda_backend::MathMode::bf16 && cd::fused_half_path(mode, M, d, {F})) {
+      const cudaDataType_t t16 = cd::half_type(mode);
+      const cd::HalfOperand a = cd::half_operand(cd::Operand{xn, M, d, d, 0, 1}, mode, 0);
+      const cd::HalfOperand w_g = cd::half_operand(cd::Operand{wg, F, d, d, 0, 1}, mode, 1);
+      cd::half_gemm_nt(M, F, d, a, w_g, t16, 0.0f, gate, t16, F);
+      const cd::HalfOperand w_u = cd::half_operand(cd::Operand{wu, F, d, d, 0, 1}, mode, 1);
+      cd::half_gemm_nt(M, F, d, a, w_u, t16, 0.0f, up, t16, F);
+      const bool vec = F % 8 == 0;
+      const index_t items = vec ? M * F / 8 : M * F;
+      using H = __nv_bfloat16;
+      H* g16 = reinterpret_cast<H*>(gate);
+      const H* u16 = reinterpret_cast<const H*>(up);
+      if (vec)
+        k::gated_bias_half_kernel<Act, H, 8><<<k::grid_for(items), k::kBlock, 0, k::stream()>>>(g16, u16, bg, bu, M, F);
+      else
+        k::gated_bias_half_kernel<Act, H, 1><<<k::grid_for(items), k::kBlock, 0, k::stream()>>>(g16, u16, bg, bu, M, F);
+      DISTILX_CUDA_LAUNCH_CHECK();
+      const cd::HalfOperand h{gate, F, 0};
+      const cd::HalfOperand w_d = cd::half_operand(cd::Operand{wd, d, F, F, 0, 1}, mode, 1);
+      cd::half_gemm_nt(M, d, F, h, w_d, t16, 1.0f, x, CUDA_R_32F, d);
+      return;
+    }
+  }
+  linear_forward(be, gate, xn, wg, bg, M, d, F);
+  linear_forward(be, up, xn, wu, bu, M, d, F);
+  gated_forward<Act>(be, gate, gate, up, M * F);
+  gemm(be, Trans::no, Trans::yes, M, d, F, T(1), gate, F, wd, F, T(1), x, d);
+}
 
 /// dst[0, n) (device) = host[0, n), ordered on the current stream; from pageable memory the call
 /// returns once the host array is staged, so the caller may reuse it at once.
