@@ -5,8 +5,8 @@
 // invalidated once per step as the Distiller does after its optimizer update). Same-run GEMM
 // baselines per mode at the mLSTM up-projection shape and at 8192^3 (the ceiling), including a
 // bare cublasGemmEx on operands already in bf16. The loss and the teacher are not part of this
-// measurement (backward starts from d hidden). First, one mLSTM cell (16 heads of 192) and one sLSTM cell
-// (16 heads of 96) forward + backward alone, the mLSTM's chunk products on FMA and on tensor cores.
+// measurement (backward starts from d hidden). First, one mLSTM cell (16 heads of 192, chunk 64) and one
+// sLSTM cell (16 heads of 96) forward + backward alone.
 #include <chrono>
 #include <functional>
 #include <cstdio>
@@ -80,20 +80,14 @@ void cell_bench() {
       fill(q, -1.7f, 1.7f, 1), fill(k, -1.7f, 1.7f, 2), fill(v, -1.7f, 1.7f, 3), fill(dh, -1.f, 1.f, 4);
       fill(ig, -4.f, 4.f, 5), fill(fg, -3.f, 6.f, 6);
       MLSTMCell<float, distilx::cuda> cell(NH, DH, MLSTMForm::chunkwise, 64);
-      cuda_backend::set_math_mode(MathMode::bf16);
-      for (bool tc : {false, true}) {
-        cuda_backend::set_mlstm_tensor_cores(tc);
-        const double fwd = time_ms([&] { cell.forward(h.data(), q.data(), k.data(), v.data(), ig.data(), fg.data(), B, T); }, 5);
-        const double both = time_ms([&] {
-          cell.forward(h.data(), q.data(), k.data(), v.data(), ig.data(), fg.data(), B, T);
-          cell.backward(dq.data(), dk.data(), dv.data(), dig.data(), dfg.data(), dh.data(), q.data(), k.data(),
-                        v.data(), ig.data(), fg.data(), B, T);
-        }, 5);
-        std::printf("cell mLSTM 16x192 B %lld x T %lld, chunk products on %-12s: forward %.3f ms, forward+backward "
-                    "%.3f ms\n", (long long)B, (long long)T, tc ? "tensor cores" : "FMA", fwd, both);
-      }
-      cuda_backend::set_mlstm_tensor_cores(true);
-      cuda_backend::set_math_mode(MathMode::fp32);
+      const double fwd = time_ms([&] { cell.forward(h.data(), q.data(), k.data(), v.data(), ig.data(), fg.data(), B, T); }, 5);
+      const double both = time_ms([&] {
+        cell.forward(h.data(), q.data(), k.data(), v.data(), ig.data(), fg.data(), B, T);
+        cell.backward(dq.data(), dk.data(), dv.data(), dig.data(), dfg.data(), dh.data(), q.data(), k.data(),
+                      v.data(), ig.data(), fg.data(), B, T);
+      }, 5);
+      std::printf("cell mLSTM 16x192 B %lld x T %lld, chunk 64: forward %.3f ms, forward+backward %.3f ms\n",
+                  (long long)B, (long long)T, fwd, both);
     }
     {  // sLSTM: 16 heads of 96 (d 1536), the persistent recurrent kernels
       const index_t NH = 16, DH = 96, H = NH * DH;

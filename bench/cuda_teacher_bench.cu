@@ -89,9 +89,9 @@ int main(int argc, char** argv) {
   for (const Shape2& sh : shapes) {
     const index_t M = sh.B * sh.S;
     Buffer<float, distilx::cuda> q(M * NH * DH), k(M * NKV * DH), v(M * NKV * DH), o(M * NH * DH);
-    fill_kernel<<<1024, 256>>>(q.data(), q.size(), 0.f, 1.f, 11);
-    fill_kernel<<<1024, 256>>>(k.data(), k.size(), 0.f, 1.f, 12);
-    fill_kernel<<<1024, 256>>>(v.data(), v.size(), 0.f, 1.f, 13);
+    bench::detail::fill_uniform_kernel<><<<1024, 256>>>(q.data(), q.size(), 0.f, 1.f, 11);
+    bench::detail::fill_uniform_kernel<><<<1024, 256>>>(k.data(), k.size(), 0.f, 1.f, 12);
+    bench::detail::fill_uniform_kernel<><<<1024, 256>>>(v.data(), v.size(), 0.f, 1.f, 13);
     DISTILX_CUDA_LAUNCH_CHECK();
     ops::CausalAttentionShape as;
     as.B = sh.B;

@@ -327,19 +327,7 @@ int main(int argc, char** argv) {
       if (!out_path.empty()) std::ofstream(out_path) << J.dump(2) << "\n";  // incrementally
     }
   }
-  // Ablation in the same run: the bf16 phases with the mLSTM chunk products on FMA instead of tensor cores.
   cuda_backend::set_math_mode(MathMode::bf16);
-  cuda_backend::set_mlstm_tensor_cores(false);
-  {
-    nlohmann::json row = phase_breakdown(w, 16, 512, iters);
-    row["mode"] = "bf16, mLSTM products on FMA";
-    J["ablations"].push_back(row);
-    std::printf("ablation bf16 B 16 x T 512, mLSTM chunk products on FMA: student fwd %.1f | backward %.1f ms -> "
-                "phases %.0f tokens/s\n",
-                row["student_forward_ms"].get<double>(), row["student_backward_ms"].get<double>(),
-                row["tokens_per_s"].get<double>());
-  }
-  cuda_backend::set_mlstm_tensor_cores(true);
   if (decode) J["decode"] = decoding(w, contexts);
   fs::remove_all(tmp);
   if (!out_path.empty()) std::ofstream(out_path) << J.dump(2) << "\n";

@@ -212,38 +212,6 @@ BOOST_AUTO_TEST_CASE(matches_cpu_float_small) { compare_cases<float>(kSmallCases
 
 BOOST_AUTO_TEST_CASE(matches_cpu_float_large) { compare_cases<float>(kLargeCases, 1e-4, 2e-4, 2000); }
 
-BOOST_AUTO_TEST_CASE(tensor_core_tiles_match_cpu) {
-  // tf32 / bf16 / fp16 math modes: the chunkwise products run on tensor cores (3xTF32), which must keep the
-  // float cell's accuracy: the same cases and bounds as matches_cpu_float_*, on a result that is not the FMA
-  // path's (checked bit for bit, so a silent fall-back fails).
-  namespace cb = distilx::cuda_backend;
-  if (cb::detail::device_cc_major() < 8) {
-    BOOST_TEST_MESSAGE("tensor_core_tiles_match_cpu: needs compute capability 8.0, skipped");
-    return;
-  }
-  const cb::MathMode saved = cb::math_mode();
-  using FloatCell = MLSTMCell<float, cuda>;
-  using DoubleCell = MLSTMCell<double, cuda>;
-  cb::set_math_mode(cb::MathMode::fp32);
-  BOOST_TEST(!FloatCell::uses_tensor_cores());
-  cb::set_math_mode(cb::MathMode::bf16);
-  BOOST_TEST(FloatCell::uses_tensor_cores());
-  BOOST_TEST(!DoubleCell::uses_tensor_cores());
-  compare_cases<float>(kSmallCases, 1e-4, 2e-4, 1000);
-  compare_cases<float>(kLargeCases, 1e-4, 2e-4, 2000);
-  const Case c{2, 300, 4, 64, MLSTMForm::chunkwise, 64};
-  const auto in = make_inputs<float>(c.B, c.S, c.NH, c.DH, 77);
-  MLSTMCell<float, cuda> cell(c.NH, c.DH, c.form, c.L);
-  const Results<float> tc = run_gpu(cell, in);
-  cb::set_mlstm_tensor_cores(false);
-  const Results<float> fma = run_gpu(cell, in);
-  cb::set_mlstm_tensor_cores(true);
-  BOOST_TEST(std::memcmp(tc.h.data(), fma.h.data(), sizeof(float) * tc.h.size()) != 0,
-             "tensor-core and FMA tiles gave bit-identical h: the tensor-core path did not run");
-  BOOST_TEST(std::memcmp(tc.dk.data(), fma.dk.data(), sizeof(float) * tc.dk.size()) != 0);
-  cb::set_math_mode(saved);
-}
-
 BOOST_AUTO_TEST_CASE(matches_cpu_double) {
   compare_cases<double>(kSmallCases, 1e-12, 0.0, 3000);
   compare_cases<double>({{2, 300, 4, 64, MLSTMForm::chunkwise, 64}, {1, 200, 2, 100, MLSTMForm::chunkwise, 32}},

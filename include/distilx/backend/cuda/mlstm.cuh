@@ -7,32 +7,16 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <cstdint>
 #include <limits>
 #include <type_traits>
 
-#include "distilx/backend/cuda/blas.cuh"  // math_mode()
 #include "distilx/backend/cuda/check.cuh"
 #include "distilx/backend/cuda/memory.cuh"
 #include "distilx/cells/mlstm.hpp"
 #include "distilx/ops/activations.hpp"
 
 namespace distilx {
-namespace cuda_backend {
-namespace detail {
-inline std::atomic<bool>& mlstm_tensor_cores_flag() {
-  static std::atomic<bool> on{true};
-  return on;
-}
-}  // namespace detail
-/// Whether the CUDA mLSTM cell may run its chunkwise products on tensor cores (3xTF32) in the tf32, bf16 and
-/// fp16 math modes: on by default; off keeps the FMA tiles (for comparisons and benchmarks). Process-wide.
-inline void set_mlstm_tensor_cores(bool on) { detail::mlstm_tensor_cores_flag().store(on); }
-inline bool mlstm_tensor_cores() { return detail::mlstm_tensor_cores_flag().load(); }
-}  // namespace cuda_backend
-
 namespace detail::mlstm_cuda {
 
 // Work decomposition (TFLA-style, all deterministic: no atomics, fixed summation orders):
@@ -44,9 +28,6 @@ namespace detail::mlstm_cuda {
 // The backward recomputes phases 2 and 3, then runs phase 2 in reverse for the state G, r of δk, δv.
 // Every matrix product is one 64×64 output tile per block (256 threads, 4×4 outputs each, fp32/fp64 FMA), so
 // row tiles over L and column tiles over DH make any L and DH work, including the parallel form (L = S).
-// In float outside the exact fp32 math mode (tf32, bf16, fp16) the tile products run on tensor cores instead:
-// mma.sync m16n8k8 TF32 with the 3xTF32 split (a = a_hi + a_lo; a_hi b_hi + a_hi b_lo + a_lo b_hi, fp32
-// accumulation), accurate to about fp32's own rounding, so the cell keeps fp32 numerics in every mode.
 
 constexpr int kTile = 64;     // output tile edge
 constexpr int kKStep = 16;    // reduction slice staged in shared memory
@@ -55,11 +36,9 @@ constexpr int kThreads = 256; // 16 × 16 threads per tile block
 constexpr int kRowThreads = 256;
 static_assert(kKStep * kTile % kThreads == 0 && kThreads == 256, "tile_mma assumes 16 × 16 threads");
 
-/// Shapes of one call. Features of (b, h, t) start at row(); gates at gate() (stride NH in t). tc: tile
-/// products on tensor cores (see above).
+/// Shapes of one call. Features of (b, h, t) start at row(); gates at gate() (stride NH in t).
 struct Geo {
   index_t B, S, NH, DH, D, L, nc, BH, ntl, ntd;
-  bool tc = false;
   DISTILX_HOST_DEVICE index_t row(index_t bh, index_t t) const { return ((bh / NH) * S + t) * D + (bh % NH) * DH; }
   DISTILX_HOST_DEVICE index_t gate(index_t bh, index_t t) const { return ((bh / NH) * S + t) * NH + bh % NH; }
   DISTILX_HOST_DEVICE index_t chunk_len(index_t c) const {
@@ -74,99 +53,14 @@ struct TileShared {
   alignas(16) T b[kKStep][kTile + kPad];  // b[k][col]
 };
 
-/// x rounded to TF32 (round to nearest, ties away), as the bits mma.sync reads.
-__device__ inline std::uint32_t tf32_bits(float x) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  std::uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-  return r;
-#else
-  return __float_as_uint(x);
-#endif
-}
-/// x = hi + lo with both halves TF32: the 3xTF32 split.
-__device__ inline void split_tf32(float x, std::uint32_t& hi, std::uint32_t& lo) {
-  hi = tf32_bits(x);
-  lo = tf32_bits(x - __uint_as_float(hi));
-}
-/// d += a b for one m16n8k8 TF32 tile (row-major A, column-major B, fp32 accumulators).
-__device__ inline void mma_tf32(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-  __trap();  // the host never sets Geo::tc below compute capability 8.0
-#endif
-}
-
-/// One staged 16-deep slice on tensor cores: warp w owns rows 16 (w % 4) .. +16 and columns 32 (w / 4) .. +32
-/// of the tile, as four m16n8 accumulators (fragment layout of mma.sync).
-__device__ inline void tile_slice_tc(float (&cf)[4][4], const TileShared<float>& sh) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gid = lane / 4, tig = lane % 4;
-  const int wr = (warp % 4) * 16, wc = (warp / 4) * 32;
-#pragma unroll
-  for (int k8 = 0; k8 < kKStep; k8 += 8) {
-    std::uint32_t ah[4], al[4];
-    split_tf32(sh.a[k8 + tig][wr + gid], ah[0], al[0]);
-    split_tf32(sh.a[k8 + tig][wr + gid + 8], ah[1], al[1]);
-    split_tf32(sh.a[k8 + tig + 4][wr + gid], ah[2], al[2]);
-    split_tf32(sh.a[k8 + tig + 4][wr + gid + 8], ah[3], al[3]);
-#pragma unroll
-    for (int n = 0; n < 4; ++n) {
-      std::uint32_t bh0, bl0, bh1, bl1;
-      split_tf32(sh.b[k8 + tig][wc + n * 8 + gid], bh0, bl0);
-      split_tf32(sh.b[k8 + tig + 4][wc + n * 8 + gid], bh1, bl1);
-      mma_tf32(cf[n], al, bh0, bh1);  // small terms first
-      mma_tf32(cf[n], ah, bl0, bl1);
-      mma_tf32(cf[n], ah, bh0, bh1);
-    }
-  }
-}
-
-/// acc[i][j] (row 4ty+i, column 4tx+j) += the warps' fragments, moved through shared memory (sh, free again
-/// when this returns) in two halves of 32 rows. Called by all threads.
-__device__ inline void tile_add_tc(float (&acc)[4][4], const float (&cf)[4][4], TileShared<float>& sh) {
-  constexpr int P = kTile + kPad;
-  static_assert(sizeof(TileShared<float>) >= sizeof(float) * 32 * P, "tile_add_tc: staging space");
-  float* st = reinterpret_cast<float*>(&sh);  // [32][P]
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, gid = lane / 4, tig = lane % 4;
-  const int tx = tid % 16, ty = tid / 16, wr = (warp % 4) * 16, wc = (warp / 4) * 32;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    __syncthreads();  // the previous use of sh is over
-    if (wr / 32 == half) {
-      const int r = wr - 32 * half + gid;
-#pragma unroll
-      for (int n = 0; n < 4; ++n) {
-        const int c = wc + n * 8 + 2 * tig;
-        st[r * P + c] = cf[n][0];
-        st[r * P + c + 1] = cf[n][1];
-        st[(r + 8) * P + c] = cf[n][2];
-        st[(r + 8) * P + c + 1] = cf[n][3];
-      }
-    }
-    __syncthreads();
-    if (ty * 4 / 32 == half) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += st[(ty * 4 + i - 32 * half) * P + tx * 4 + j];
-    }
-  }
-  __syncthreads();  // sh may be restaged by the caller's next product
-}
-
 /// acc[i][j] += Σ_{k in [k_begin, k_end)} fa(4ty+i, k) · fb(k, 4tx+j) for the block's 64×64 tile. fa(r, k) and
 /// fb(k, c) return 0 outside the caller's bounds; AKFast / BKFast say whether k is the contiguous index in
 /// memory (so consecutive threads load consecutive addresses). The next 16-deep slice is loaded into registers
 /// while the current one is multiplied out of shared memory; each output still sums k in ascending order, one FMA
-/// per k (results do not depend on the tiling). With tc (float only; uniform over the block) the slices are
-/// multiplied on tensor cores (3xTF32) and the sums' order is the mma's. Must be called by all threads.
+/// per k (results do not depend on the tiling). Must be called by all threads of the block.
 template <bool AKFast, bool BKFast, class T, class FA, class FB>
-__device__ inline void tile_mma(T (&acc)[4][4], TileShared<T>& sh, bool tc, index_t k_begin, index_t k_end,
-                                const FA& fa, const FB& fb) {
+__device__ inline void tile_mma(T (&acc)[4][4], TileShared<T>& sh, index_t k_begin, index_t k_end, const FA& fa,
+                                const FB& fb) {
   constexpr int kPer = kKStep * kTile / kThreads;  // elements of each operand slice per thread
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   // Element u of this thread: slice row kk and tile row/column r of operand A (a*) and B (b*).
@@ -183,8 +77,6 @@ __device__ inline void tile_mma(T (&acc)[4][4], TileShared<T>& sh, bool tc, inde
     }
   };
   if (k_begin >= k_end) return;  // uniform over the block
-  constexpr bool can_tc = std::is_same_v<T, float>;
-  float cf[4][4] = {};  // tensor-core accumulators (tc only)
   fetch(k_begin);
   for (index_t k0 = k_begin; k0 < k_end; k0 += kKStep) {
 #pragma unroll
@@ -193,14 +85,7 @@ __device__ inline void tile_mma(T (&acc)[4][4], TileShared<T>& sh, bool tc, inde
       sh.b[b_kk(u)][b_c(u)] = rb[u];
     }
     __syncthreads();
-    if (k0 + kKStep < k_end) fetch(k0 + kKStep);  // in flight during the products below
-    if constexpr (can_tc) {
-      if (tc) {
-        tile_slice_tc(cf, sh);
-        __syncthreads();
-        continue;
-      }
-    }
+    if (k0 + kKStep < k_end) fetch(k0 + kKStep);  // in flight during the FMAs below
 #pragma unroll
     for (int kk = 0; kk < kKStep; ++kk) {
       T av[4], bv[4];
@@ -215,9 +100,6 @@ __device__ inline void tile_mma(T (&acc)[4][4], TileShared<T>& sh, bool tc, inde
         for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
     }
     __syncthreads();
-  }
-  if constexpr (can_tc) {
-    if (tc) tile_add_tc(acc, cf, sh);
   }
 }
 
@@ -388,7 +270,7 @@ __global__ void __launch_bounds__(kThreads)
     const T* vb = v + g.row(bh, t0);
     const T* be = beta + bh * g.S + t0;
     tile_mma<false, false>(
-        acc, sh, g.tc, 0, L, [&](int i, index_t r) { return i0 + i < DH ? be[r] * kb[r * D + i0 + i] : T(0); },
+        acc, sh, 0, L, [&](int i, index_t r) { return i0 + i < DH ? be[r] * kb[r * D + i0 + i] : T(0); },
         [&](index_t r, int j) { return j0 + j < DH ? vb[r * D + j0 + j] : T(0); });
     T* slot = states + (bh * g.nc + c + 1) * DH * DH;
 #pragma unroll
@@ -426,7 +308,7 @@ __global__ void __launch_bounds__(kThreads)
   const index_t D = g.D;
   T acc[4][4] = {};
   tile_mma<true, true>(
-      acc, sh, g.tc, 0, g.DH, [&](int r, index_t kk) { return r0 + r < Lc ? qb[(r0 + r) * D + kk] * scale : T(0); },
+      acc, sh, 0, g.DH, [&](int r, index_t kk) { return r0 + r < Lc ? qb[(r0 + r) * D + kk] * scale : T(0); },
       [&](index_t kk, int cc) { return c0 + cc < Lc ? kb[(c0 + cc) * D + kk] : T(0); });
   const double* bc = bcum + bh * g.S + t0;
   const T* gi = ig + g.gate(bh, t0);
@@ -481,7 +363,7 @@ __device__ inline void numerator_tile(T (&acc)[4][4], TileShared<T>& sh, const G
   const T* vb = v + g.row(bh, t0);
   const index_t kend = Lc < r0 + kTile ? Lc : r0 + kTile;  // W is zero above the diagonal
   tile_mma<true, false>(
-      acc, sh, g.tc, 0, kend, [&](int r, index_t cc) { return r0 + r < Lc ? Wc[(r0 + r) * L + cc] : T(0); },
+      acc, sh, 0, kend, [&](int r, index_t cc) { return r0 + r < Lc ? Wc[(r0 + r) * L + cc] : T(0); },
       [&](index_t cc, int j) { return j0 + j < DH ? vb[cc * D + j0 + j] : T(0); });
   if (c > 0) {
     const T scale = T(1) / std::sqrt(T(DH));
@@ -489,7 +371,7 @@ __device__ inline void numerator_tile(T (&acc)[4][4], TileShared<T>& sh, const G
     const T* al = alpha + bh * g.S + t0;
     const T* Cs = states + (bh * g.nc + c) * DH * DH;
     tile_mma<true, false>(
-        acc, sh, g.tc, 0, DH,
+        acc, sh, 0, DH,
         [&](int r, index_t kk) { return r0 + r < Lc ? al[r0 + r] * (qb[(r0 + r) * D + kk] * scale) : T(0); },
         [&](index_t kk, int j) { return j0 + j < DH ? Cs[kk * DH + j0 + j] : T(0); });
   }
@@ -593,7 +475,7 @@ __global__ void __launch_bounds__(kThreads)
   const index_t D = g.D;
   T acc[4][4] = {};
   tile_mma<true, true>(
-      acc, sh, g.tc, 0, g.DH, [&](int r, index_t j) { return r0 + r < Lc ? dhb[(r0 + r) * D + j] / dn[r0 + r] : T(0); },
+      acc, sh, 0, g.DH, [&](int r, index_t j) { return r0 + r < Lc ? dhb[(r0 + r) * D + j] / dn[r0 + r] : T(0); },
       [&](index_t j, int cc) { return c0 + cc < Lc ? vb[(c0 + cc) * D + j] : T(0); });
   const double* bc = bcum + bh * g.S + t0;
   const T* gi = ig + g.gate(bh, t0);
@@ -639,13 +521,13 @@ __global__ void __launch_bounds__(kThreads)
   T acc[4][4] = {};
   const index_t kend = Lc < r0 + kTile ? Lc : r0 + kTile;
   tile_mma<true, false>(
-      acc, sh, g.tc, 0, kend, [&](int r, index_t cc) { return r0 + r < Lc ? dpc[(r0 + r) * L + cc] : T(0); },
+      acc, sh, 0, kend, [&](int r, index_t cc) { return r0 + r < Lc ? dpc[(r0 + r) * L + cc] : T(0); },
       [&](index_t cc, int i) { return i0 + i < DH ? kb[cc * D + i0 + i] : T(0); });
   const T* Cs = states + (bh * g.nc + c) * DH * DH;
   const T* ns = nstate + (bh * g.nc + c) * DH;
   if (c > 0) {
     tile_mma<true, true>(
-        acc, sh, g.tc, 0, DH,
+        acc, sh, 0, DH,
         [&](int r, index_t j) { return r0 + r < Lc ? al[r0 + r] * (dhb[(r0 + r) * D + j] / dn[r0 + r]) : T(0); },
         [&](index_t j, int i) { return i0 + i < DH ? Cs[(i0 + i) * DH + j] : T(0); });
   }
@@ -700,7 +582,7 @@ __global__ void __launch_bounds__(kThreads)
     const T* al = alpha + bh * g.S + t0;
     const T* dn = den + bh * g.S + t0;
     tile_mma<false, false>(
-        acc, sh, g.tc, 0, Lc,
+        acc, sh, 0, Lc,
         [&](int i, index_t r) { return i0 + i < DH ? al[r] * (qb[r * D + i0 + i] * scale) : T(0); },
         [&](index_t r, int j) { return j0 + j < DH ? dhb[r * D + j0 + j] / dn[r] : T(0); });
     T* slot = states + (bh * g.nc + c) * DH * DH;
@@ -751,19 +633,19 @@ __global__ void __launch_bounds__(kThreads)
   // Rows r' < r0 of the transposed tile are above the diagonal (zero): start the reduction at r0.
   if (want_dk) {
     tile_mma<false, false>(
-        acc, sh, g.tc, r0, Lc, [&](int r, index_t rp) { return r0 + r < Lc ? tile[rp * L + r0 + r] : T(0); },
+        acc, sh, r0, Lc, [&](int r, index_t rp) { return r0 + r < Lc ? tile[rp * L + r0 + r] : T(0); },
         [&](index_t rp, int i) { return i0 + i < DH ? qb[rp * D + i0 + i] * scale : T(0); });
     if (has_g)
       tile_mma<true, true>(
-          acc, sh, g.tc, 0, DH, [&](int r, index_t j) { return r0 + r < Lc ? be[r0 + r] * vb[(r0 + r) * D + j] : T(0); },
+          acc, sh, 0, DH, [&](int r, index_t j) { return r0 + r < Lc ? be[r0 + r] * vb[(r0 + r) * D + j] : T(0); },
           [&](index_t j, int i) { return i0 + i < DH ? Gs[(i0 + i) * DH + j] : T(0); });
   } else {
     tile_mma<false, false>(
-        acc, sh, g.tc, r0, Lc, [&](int r, index_t rp) { return r0 + r < Lc ? tile[rp * L + r0 + r] : T(0); },
+        acc, sh, r0, Lc, [&](int r, index_t rp) { return r0 + r < Lc ? tile[rp * L + r0 + r] : T(0); },
         [&](index_t rp, int j) { return i0 + j < DH ? dhb[rp * D + i0 + j] / dn[rp] : T(0); });
     if (has_g)
       tile_mma<true, false>(
-          acc, sh, g.tc, 0, DH, [&](int r, index_t i) { return r0 + r < Lc ? be[r0 + r] * kb[(r0 + r) * D + i] : T(0); },
+          acc, sh, 0, DH, [&](int r, index_t i) { return r0 + r < Lc ? be[r0 + r] * kb[(r0 + r) * D + i] : T(0); },
           [&](index_t i, int j) { return i0 + j < DH ? Gs[i * DH + i0 + j] : T(0); });
   }
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -1038,17 +920,6 @@ class MLSTMCell<T, cuda> : public detail::MLSTMCellShape {
     DISTILX_CUDA_LAUNCH_CHECK();
   }
 
-  /// Whether the chunkwise products run on tensor cores now (float, math mode tf32 / bf16 / fp16, compute
-  /// capability >= 8.0, cuda_backend::mlstm_tensor_cores() on).
-  static bool uses_tensor_cores() {
-    if constexpr (!std::is_same_v<T, float>) {
-      return false;
-    } else {
-      return cuda_backend::mlstm_tensor_cores() &&
-             cuda_backend::math_mode() != cuda_backend::MathMode::fp32 && cuda_backend::detail::device_cc_major() >= 8;
-    }
-  }
-
   /// Recurrent step (spec §4.4), device pointers: C [B,NH,DH,DH], n [B,NH,DH], m [B,NH] (zero-initialised by the
   /// caller), q, k, v [B, NH*DH], igate/fgate [B, NH]; writes h [B, NH*DH]; updates C, n, m.
   static void step(T* h, T* C, T* n, T* m, const T* q, const T* k, const T* v, const T* igate, const T* fgate,
@@ -1068,7 +939,6 @@ class MLSTMCell<T, cuda> : public detail::MLSTMCellShape {
     g.B = B, g.S = S, g.NH = nh_, g.DH = dh_, g.D = nh_ * dh_, g.L = L, g.nc = (S + L - 1) / L, g.BH = B * nh_;
     g.ntl = (L + detail::mlstm_cuda::kTile - 1) / detail::mlstm_cuda::kTile;
     g.ntd = (dh_ + detail::mlstm_cuda::kTile - 1) / detail::mlstm_cuda::kTile;
-    g.tc = uses_tensor_cores();
     return g;
   }
   static dim3 grid_ll(const detail::mlstm_cuda::Geo& g) {  // (chunk, L tile, L tile)
