@@ -472,7 +472,14 @@ class Distiller {
     const auto diffs = io::config_differences(saved, now);
     if (!diffs.empty()) {
       std::string msg = path + " was written by a run with a different configuration:";
-      for (const auto& d : diffs) msg += "\n  " + d;
+      bool batch = false;
+      for (const auto& d : diffs) {
+        msg += "\n  " + d;
+        batch = batch || d.rfind("data.batch_size", 0) == 0;
+      }
+      if (batch)
+        msg += "\ndata.batch_size is the global batch (rows per rank x ranks); to resume on another number of "
+               "GPUs, keep it: give each rank the global batch divided by the number of ranks";
       throw config_error(msg + "\n(start a new run directory, or use the same options)");
     }
     DISTILX_REQUIRE(io_error, ck.meta.at("scalar_type") == (sizeof(T) == 8 ? "f64" : "f32"), path,

@@ -330,6 +330,9 @@ class NcclDataParallel final : public DataParallel<T> {
       launch_(grads_, ready_lo_, launched_lo_);
       launched_lo_ = ready_lo_;
       ++overlapped_buckets_;
+      // The watchdog checks every bucket in flight against the deadline, also when the pass
+      // stops before the last one (nobody may ever wait for these).
+      if (ready_lo_ != 0) comm_->track("a gradient bucket");
     }
     if (ready_lo_ == 0) {
       // Whole buffer in flight: what the compute stream runs next (averaging, clipping) waits for it.

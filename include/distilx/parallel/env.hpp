@@ -233,16 +233,25 @@ inline std::string await_rendezvous(const std::string& path, std::size_t size, i
   }
 }
 
-/// Seconds every blocking NCCL wait may take before the communicator is aborted:
-/// DISTILX_NCCL_TIMEOUT (default 600), also used for the rendezvous.
-inline double nccl_timeout_s() {
-  const char* v = detail::getenv_nonempty("DISTILX_NCCL_TIMEOUT");
-  if (!v) return 600.0;
+namespace detail {
+/// A positive number of seconds from the environment variable `name`, or `fallback` when unset.
+inline double env_seconds(const char* name, double fallback) {
+  const char* v = getenv_nonempty(name);
+  if (!v) return fallback;
   char* end = nullptr;
   const double t = std::strtod(v, &end);
-  DISTILX_REQUIRE(config_error, end != v && *end == '\0' && t > 0, "DISTILX_NCCL_TIMEOUT='", v,
+  DISTILX_REQUIRE(config_error, end != v && *end == '\0' && t > 0, name, "='", v,
                   "' is not a positive number of seconds");
   return t;
 }
+}  // namespace detail
+
+/// Seconds every blocking NCCL wait may take before the communicator is aborted:
+/// DISTILX_NCCL_TIMEOUT (default 600), also used for the rendezvous.
+inline double nccl_timeout_s() { return detail::env_seconds("DISTILX_NCCL_TIMEOUT", 600.0); }
+
+/// Seconds a rank may stay stuck after the watchdog aborted NCCL before the process is ended:
+/// DISTILX_NCCL_ABORT_GRACE (default 30).
+inline double nccl_abort_grace_s() { return detail::env_seconds("DISTILX_NCCL_ABORT_GRACE", 30.0); }
 
 }  // namespace distilx::parallel

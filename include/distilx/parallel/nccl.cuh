@@ -18,6 +18,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <deque>
@@ -82,7 +83,7 @@ struct CommOptions {
   double timeout_s = -1;     ///< deadline of every wait; < 0: DISTILX_NCCL_TIMEOUT or 600 s
   int device = -1;           ///< CUDA device; < 0: the local rank (or 0 when one GPU is visible)
   bool watchdog = true;      ///< background checks of async errors and overdue work
-  double abort_grace_s = 30; ///< after a watchdog abort, seconds before the process is ended
+  double abort_grace_s = -1; ///< after a watchdog abort, seconds before the process is ended; < 0: DISTILX_NCCL_ABORT_GRACE or 30 s
 };
 
 class Communicator {
@@ -95,6 +96,7 @@ class Communicator {
 
   Communicator(const DistEnv& env, CommOptions opt) : env_(env), opt_(opt) {
     if (opt_.timeout_s < 0) opt_.timeout_s = nccl_timeout_s();
+    if (opt_.abort_grace_s < 0) opt_.abort_grace_s = nccl_abort_grace_s();
     char host[256] = {0};
     if (::gethostname(host, sizeof host - 1) == 0) host_ = host;
     select_device_();
@@ -117,7 +119,11 @@ class Communicator {
       throw nccl_error(msg);
     }
     if (env_.rank == 0 && !id_file_.empty()) ::unlink(id_file_.c_str());  // every rank has joined: no longer needed
-    if (opt_.watchdog) watchdog_ = std::thread([this] { watchdog_loop_(); });
+    if (opt_.watchdog) {
+      beat_ns_.store(now_ns_());
+      watchdog_ = std::thread([this] { watchdog_loop_(); });
+      reaper_ = std::thread([this] { reaper_loop_(); });
+    }
   }
 
   Communicator(const Communicator&) = delete;
@@ -130,6 +136,8 @@ class Communicator {
     }
     cv_.notify_all();
     if (watchdog_.joinable()) watchdog_.join();
+    reaper_stop_.store(true);
+    if (reaper_.joinable()) reaper_.join();
     if (comm_ && !aborted_) {
       // Flush outstanding work, then free; a peer that is gone makes this time out and abort.
       try {
@@ -407,11 +415,37 @@ class Communicator {
     aborted_ = true;
   }
 
+  static std::int64_t now_ns_() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+
+  // The watchdog's own CUDA and NCCL calls can block (a driver lock held by a thread stuck in a
+  // synchronous copy behind NCCL work, an abort that does not return). The reaper makes no such
+  // call: if the watchdog has not come round its loop for the deadline plus the abort grace, it
+  // ends the process with the watchdog's exit code, naming the rank.
+  void reaper_loop_() {
+    while (!reaper_stop_.load()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(250));
+      const double stale = double(now_ns_() - beat_ns_.load()) * 1e-9;
+      if (stale > opt_.timeout_s + opt_.abort_grace_s && !reaper_stop_.load()) {
+        std::fprintf(stderr,
+                     "distilx %s: the NCCL watchdog has been blocked in a CUDA or NCCL call for %.0f s (work of this "
+                     "process is stuck behind a collective another rank never joined); exiting with code %d\n",
+                     where().c_str(), stale, kNcclAbortExitCode);
+        std::fflush(stderr);
+        std::_Exit(kNcclAbortExitCode);
+      }
+    }
+  }
+
   void watchdog_loop_() {
     cudaSetDevice(device_);
     std::unique_lock<std::mutex> lk(mu_);
     while (!stop_) {
+      beat_ns_.store(now_ns_());
       cv_.wait_for(lk, std::chrono::milliseconds(200));
+      beat_ns_.store(now_ns_());
       if (stop_ || aborted_) continue;
       // Completed work leaves the queue; the oldest unfinished one is checked against the deadline.
       while (!pending_.empty() && cudaEventQuery(pending_.front().ev) == cudaSuccess) {
@@ -447,9 +481,12 @@ class Communicator {
       // this communicator throws. If it never comes (stuck elsewhere), end the process.
       const auto t_abort = std::chrono::steady_clock::now();
       lk.lock();
+      beat_ns_.store(now_ns_());  // the abort returned
       while (!stop_ && !acknowledged_ &&
-             std::chrono::duration<double>(std::chrono::steady_clock::now() - t_abort).count() < opt_.abort_grace_s)
+             std::chrono::duration<double>(std::chrono::steady_clock::now() - t_abort).count() < opt_.abort_grace_s) {
         cv_.wait_for(lk, std::chrono::milliseconds(200));
+        beat_ns_.store(now_ns_());
+      }
       if (!stop_ && !acknowledged_) {
         std::fprintf(stderr, "distilx %s: still stuck %.0f s after aborting NCCL; exiting with code %d\n",
                      where().c_str(), opt_.abort_grace_s, kNcclAbortExitCode);
@@ -478,6 +515,9 @@ class Communicator {
   std::atomic<bool> aborted_{false};
   std::atomic<bool> acknowledged_{false};
   std::thread watchdog_;
+  std::thread reaper_;
+  std::atomic<std::int64_t> beat_ns_{0};  // the watchdog's last pass round its loop
+  std::atomic<bool> reaper_stop_{false};
 };
 
 }  // namespace distilx::parallel
