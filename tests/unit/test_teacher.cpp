@@ -240,13 +240,8 @@ std::vector<T> random_vec(Rng& rng, index_t n, double sd = 1.0) {
   return v;
 }
 
-/// Runs causal_attention_forward in T and returns the max abs error against the double naive version.
-template <class T>
-double attention_error(index_t B, index_t S, index_t NH, index_t NKV, index_t DH, index_t window, index_t q_tile,
-                       const std::vector<std::uint8_t>& mask, std::uint64_t seed) {
-  Rng rng(seed);
-  auto q = random_vec<T>(rng, B * S * NH * DH), k = random_vec<T>(rng, B * S * NKV * DH),
-       v = random_vec<T>(rng, B * S * NKV * DH);
+ops::CausalAttentionShape attention_shape(index_t B, index_t S, index_t NH, index_t NKV, index_t DH, index_t window,
+                                          index_t q_tile) {
   ops::CausalAttentionShape sh;
   sh.B = B;
   sh.S = S;
@@ -255,6 +250,17 @@ double attention_error(index_t B, index_t S, index_t NH, index_t NKV, index_t DH
   sh.DH = DH;
   sh.window = window;
   sh.q_tile = q_tile;
+  return sh;
+}
+
+/// Runs causal_attention_forward in T and returns the max abs error against the double naive version.
+template <class T>
+double attention_error(index_t B, index_t S, index_t NH, index_t NKV, index_t DH, index_t window, index_t q_tile,
+                       const std::vector<std::uint8_t>& mask, std::uint64_t seed) {
+  Rng rng(seed);
+  auto q = random_vec<T>(rng, B * S * NH * DH), k = random_vec<T>(rng, B * S * NKV * DH),
+       v = random_vec<T>(rng, B * S * NKV * DH);
+  const ops::CausalAttentionShape sh = attention_shape(B, S, NH, NKV, DH, window, q_tile);
   const double scale = 1.0 / std::sqrt(double(DH));
   std::vector<T> out(q.size(), T(-7)), scratch(static_cast<std::size_t>(ops::causal_attention_scratch_size(cpu{}, sh)));
   ops::causal_attention_forward(cpu{}, out.data(), q.data(), k.data(), v.data(), mask.empty() ? nullptr : mask.data(),
@@ -508,14 +514,7 @@ BOOST_AUTO_TEST_CASE(attention_rope_in_op_matches_rotated_inputs) {
   std::vector<std::uint8_t> mask(static_cast<std::size_t>(B * S), 1);
   for (index_t i = 0; i < 5; ++i) mask[static_cast<std::size_t>(i)] = 0;
   for (index_t window : {index_t(0), index_t(9)}) {
-    ops::CausalAttentionShape sh;
-    sh.B = B;
-    sh.S = S;
-    sh.NH = NH;
-    sh.NKV = NKV;
-    sh.DH = DH;
-    sh.window = window;
-    sh.q_tile = 8;
+    ops::CausalAttentionShape sh = attention_shape(B, S, NH, NKV, DH, window, 8);
     auto qr = q, kr = k;
     ops::rope_forward(cpu{}, qr.data(), c.data(), sn.data(), B * S, NH, DH);
     ops::rope_forward(cpu{}, kr.data(), c.data(), sn.data(), B * S, NKV, DH);

@@ -712,9 +712,7 @@ void qkv_forward(cuda be, T* q, T* k, T* v, const T* x, const T* wq, const T* bq
       return;
     }
   }
-  linear_forward(be, q, x, wq, bq, M, d, nq);
-  linear_forward(be, k, x, wk, bk, M, d, nkv);
-  linear_forward(be, v, x, wv, bv, M, d, nkv);
+  detail::qkv_forward_unfused(be, q, k, v, x, wq, bq, wk, bk, wv, bv, M, d, nq, nkv);
 }
 
 /// x += (Act(xn Wg^T + bg) * (xn Wu^T + bu)) Wd^T. In bf16 the [M, F] intermediate lives in 16 bits
@@ -750,10 +748,7 @@ void gated_mlp_forward(cuda be, T* x, const T* xn, const T* wg, const T* bg, con
       return;
     }
   }
-  linear_forward(be, gate, xn, wg, bg, M, d, F);
-  linear_forward(be, up, xn, wu, bu, M, d, F);
-  gated_forward<Act>(be, gate, gate, up, M * F);
-  gemm(be, Trans::no, Trans::yes, M, d, F, T(1), gate, F, wd, F, T(1), x, d);
+  detail::gated_mlp_forward_unfused<Act>(be, x, xn, wg, bg, wu, bu, wd, M, d, F, gate, up);
 }
 
 /// dst[0, n) (device) = host[0, n), ordered on the current stream; from pageable memory the call
