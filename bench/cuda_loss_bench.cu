@@ -42,6 +42,27 @@ double used_gib() {
   return double(total_b - free_b) / double(1 << 30);
 }
 
+/// distill_rows arguments of the benchmark: tau 2, coefficients 1e-4, per-row outputs in the vectors
+/// (which must hold R entries); divergence and beta stay at their defaults unless the caller sets them.
+ops::DistillRows<float> rows_args(const float* zs, const float* zt, float* dz, const std::int32_t* targets, index_t R,
+                                  index_t V, std::vector<double>& div, std::vector<double>& ce,
+                                  std::vector<std::uint8_t>& agree) {
+  ops::DistillRows<float> a;
+  a.zs = zs;
+  a.zt = zt;
+  a.dz = dz;
+  a.targets = targets;
+  a.R = R;
+  a.V = V;
+  a.tau = 2.0f;
+  a.div_coef = 1e-4f;
+  a.ce_coef = 1e-4f;
+  a.div = div.data();
+  a.ce = ce.data();
+  a.agree = agree.data();
+  return a;
+}
+
 }  // namespace
 
 int main() {
@@ -126,21 +147,9 @@ int main() {
           if (rows != 1024 && sh.t.cluster != 0) continue;
           if (K != Divergence::forward_kl && sh.t.cluster != 0 && !(sh.t.cluster == 8 && sh.t.cached == 1)) continue;
           cuda_backend::distill_rows_tuning() = sh.t;
-          ops::DistillRows<float> a;
-          a.zs = zs.data();
-          a.zt = zt.data();
-          a.dz = dz.data();
-          a.targets = targets.data();
-          a.R = rows;
-          a.V = V;
+          ops::DistillRows<float> a = rows_args(zs.data(), zt.data(), dz.data(), targets.data(), rows, V, div, ce, agree);
           a.divergence = K;
           a.beta = 0.5;
-          a.tau = 2.0f;
-          a.div_coef = 1e-4f;
-          a.ce_coef = 1e-4f;
-          a.div = div.data();
-          a.ce = ce.data();
-          a.agree = agree.data();
           const double ms = time_ms([&] { ops::distill_rows(distilx::cuda{}, a); }, 5);
           const auto& l = cuda_backend::last_distill_rows_launch();
           // Minimum traffic (one read of z_s and z_t, one write of dz) and what the path moves
@@ -181,19 +190,8 @@ int main() {
         }, 2);
         std::vector<double> div(chunk), ce(chunk);
         std::vector<std::uint8_t> agree(chunk);
-        ops::DistillRows<float> a;
-        a.zs = zs.data();
-        a.zt = zt.data();
-        a.dz = zs.data();
-        a.targets = targets.data();
-        a.R = chunk;
-        a.V = V;
-        a.tau = 2.0f;
-        a.div_coef = 1e-4f;
-        a.ce_coef = 1e-4f;
-        a.div = div.data();
-        a.ce = ce.data();
-        a.agree = agree.data();
+        const ops::DistillRows<float> a =
+            rows_args(zs.data(), zt.data(), zs.data(), targets.data(), chunk, V, div, ce, agree);
         rows_ms = chunks * time_ms([&] { ops::distill_rows(distilx::cuda{}, a); }, 3);
         AlignmentLoss<float, distilx::cuda> al(AlignmentPolicy::ratio);
         AlignmentInputs<float> ai;

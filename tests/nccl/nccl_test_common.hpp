@@ -4,10 +4,18 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <stdexcept>
 #include <string>
 
 namespace nccl_test {
+
+/// A shared_ptr to an object the caller owns (the cases get main's communicator by reference;
+/// the policies take shared ownership).
+template <class C>
+std::shared_ptr<C> borrow(C& c) {
+  return std::shared_ptr<C>(&c, [](C*) {});
+}
 
 struct Args {
   std::string case_name = "collectives";

@@ -75,6 +75,13 @@ dx::StudentConfig small_student(index_t d = 64) {
 }
 
 // ---------------------------------------------------------------------------------------------
+/// One 64-element tensor: enough parameters for the collective and fault cases' policies.
+dx::ParamLayout one_tensor_layout() {
+  dx::ParamLayout layout;
+  layout.add("w.weight", {64});
+  return layout;
+}
+
 int case_collectives(par::Communicator& comm, Checker& ck) {
   const int W = comm.world_size(), r = comm.rank();
   const std::size_t n = 1000003;  // odd: no collective sees a nicely divisible size
@@ -118,7 +125,7 @@ int case_collectives(par::Communicator& comm, Checker& ck) {
   // The policy's host-side helpers.
   dx::ParamLayout layout;
   layout.add("w.weight", {1000});
-  par::NcclDataParallel<float> dp(std::shared_ptr<par::Communicator>(&comm, [](par::Communicator*) {}), layout);
+  par::NcclDataParallel<float> dp(nccl_test::borrow(comm), layout);
   double vals[3] = {1.0 + r, 1e-3 * r, -2.0};
   dp.all_reduce_sum(vals, 3);
   ck.expect_le("all_reduce_sum metrics", std::fabs(vals[0] - W * (W + 1) / 2.0) + std::fabs(vals[1] - 1e-3 * W * (W - 1) / 2.0) +
@@ -144,10 +151,8 @@ int case_collectives(par::Communicator& comm, Checker& ck) {
 
 // ---------------------------------------------------------------------------------------------
 int case_mismatch(par::Communicator& comm, Checker& ck) {
-  auto shared = std::shared_ptr<par::Communicator>(&comm, [](par::Communicator*) {});
-  dx::ParamLayout layout;
-  layout.add("w.weight", {64});
-  par::NcclDataParallel<float> dp(shared, layout);
+  auto shared = nccl_test::borrow(comm);
+  par::NcclDataParallel<float> dp(shared, one_tensor_layout());
   std::string msg;
   try {
     dp.check_same_on_all_ranks("run configuration", 1000 + comm.rank());
@@ -202,7 +207,7 @@ Micro make_micro(const dx::StudentConfig& c, index_t B, index_t T, int rank, int
 
 int case_gradients(par::Communicator& comm, Checker& ck) {
   const int W = comm.world_size(), r = comm.rank();
-  auto shared = std::shared_ptr<par::Communicator>(&comm, [](par::Communicator*) {});
+  auto shared = nccl_test::borrow(comm);
   const dx::StudentConfig c = small_student();
   const index_t B = 2, T = 24;
   dx::Student<float, Dev> s(c);
@@ -276,7 +281,7 @@ int case_gradients(par::Communicator& comm, Checker& ck) {
 // ---------------------------------------------------------------------------------------------
 int case_zero1(par::Communicator& comm, Checker& ck) {
   const int r = comm.rank();
-  auto shared = std::shared_ptr<par::Communicator>(&comm, [](par::Communicator*) {});
+  auto shared = nccl_test::borrow(comm);
   const dx::StudentConfig c = small_student(128);
   dx::Student<float, Dev> probe(c);
   const dx::ParamLayout& layout = probe.layout();
@@ -349,10 +354,8 @@ int case_zero1(par::Communicator& comm, Checker& ck) {
 // ---------------------------------------------------------------------------------------------
 // Rank 0 waits for a collective rank 1 never joins.
 int case_timeout(par::Communicator& comm, Checker& ck) {
-  auto shared = std::shared_ptr<par::Communicator>(&comm, [](par::Communicator*) {});
-  dx::ParamLayout layout;
-  layout.add("w.weight", {64});
-  par::NcclDataParallel<float> dp(shared, layout);
+  auto shared = nccl_test::borrow(comm);
+  par::NcclDataParallel<float> dp(shared, one_tensor_layout());
   double warm = 1;
   dp.all_reduce_sum(&warm, 1);  // connections of this very collective exist before rank 1 stops
   dp.barrier();
@@ -389,7 +392,7 @@ int case_timeout(par::Communicator& comm, Checker& ck) {
 // Rank 0 is blocked in a plain cudaMemcpy behind an overlapped reduction rank 1 never joins:
 // only the watchdog can notice.
 int case_watchdog(par::Communicator& comm, Checker& ck) {
-  auto shared = std::shared_ptr<par::Communicator>(&comm, [](par::Communicator*) {});
+  auto shared = nccl_test::borrow(comm);
   const dx::StudentConfig c = small_student();
   dx::Student<float, Dev> s(c);
   s.init(3);
@@ -434,10 +437,8 @@ int case_watchdog(par::Communicator& comm, Checker& ck) {
 }
 
 int case_die(par::Communicator& comm, Checker& ck) {
-  auto shared = std::shared_ptr<par::Communicator>(&comm, [](par::Communicator*) {});
-  dx::ParamLayout layout;
-  layout.add("w.weight", {64});
-  par::NcclDataParallel<float> dp(shared, layout);
+  auto shared = nccl_test::borrow(comm);
+  par::NcclDataParallel<float> dp(shared, one_tensor_layout());
   dp.barrier();
   if (comm.rank() == 1) {
     std::fprintf(stderr, "  [rank 1] exiting with code 7 on purpose\n");
@@ -475,7 +476,7 @@ int case_bench(par::Communicator& comm, const Args& args) {
   o.mode = args.zero1 ? par::ShardingMode::zero1 : par::ShardingMode::replicate;
   o.overlap = args.overlap;
   o.bucket_bytes = static_cast<std::size_t>(args.bucket_mb * (1 << 20));
-  auto shared = std::shared_ptr<par::Communicator>(&comm, [](par::Communicator*) {});
+  auto shared = nccl_test::borrow(comm);
   par::NcclDataParallel<float> dp(shared, s, o);
   std::unique_ptr<dx::AdamW<float, Dev>> opt;
   if (!args.zero1) opt = std::make_unique<dx::AdamW<float, Dev>>(s.layout());

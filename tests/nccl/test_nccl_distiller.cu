@@ -109,7 +109,7 @@ int run_distiller_case(par::Communicator& comm, const nccl_test::Args& args, ncc
   std::shared_ptr<par::NcclDataParallel<float>> dp;
   if (W > 1 || args.zero1) {
     dp = std::make_shared<par::NcclDataParallel<float>>(
-        std::shared_ptr<par::Communicator>(&comm, [](par::Communicator*) {}), student, o);
+        nccl_test::borrow(comm), student, o);
     d.set_data_parallel(dp);
   }
   index_t start = 0;
@@ -213,7 +213,7 @@ int run_distill_bench_case(par::Communicator& comm, const nccl_test::Args& args)
   std::shared_ptr<par::NcclDataParallel<float>> dp;
   if (W > 1 || args.zero1) {
     dp = std::make_shared<par::NcclDataParallel<float>>(
-        std::shared_ptr<par::Communicator>(&comm, [](par::Communicator*) {}), student, o);
+        nccl_test::borrow(comm), student, o);
     d.set_data_parallel(dp);
   }
   auto barrier = [&] {

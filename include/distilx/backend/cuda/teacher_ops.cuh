@@ -365,26 +365,22 @@ __device__ inline void mma16816(float (&d)[4], const std::uint32_t (&a)[4], std:
 #endif
 }
 
+/// ldmatrix .x4 of 16-bit tiles from shared memory (TRANS: the .trans form, for the V operand).
+template <bool TRANS = false>
 __device__ inline void ldsm_x4(std::uint32_t& r0, std::uint32_t& r1, std::uint32_t& r2, std::uint32_t& r3,
                                const void* p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr)
-               : "memory");
-#else
-  __trap();
-#endif
-}
-__device__ inline void ldsm_x4_trans(std::uint32_t& r0, std::uint32_t& r1, std::uint32_t& r2, std::uint32_t& r3,
-                                     const void* p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr)
-               : "memory");
+  if constexpr (TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr)
+                 : "memory");
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr)
+                 : "memory");
 #else
   __trap();
 #endif
@@ -567,7 +563,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
 #pragma unroll
       for (int dp = 0; dp < DT / 2; ++dp) {
         std::uint32_t b0, b1, b2, b3;
-        ldsm_x4_trans(b0, b1, b2, b3,
+        ldsm_x4<true>(b0, b1, b2, b3,
                       Bs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8);
         mma16816<H>(o[2 * dp], pa, b0, b1);
         mma16816<H>(o[2 * dp + 1], pa, b2, b3);
@@ -625,23 +621,14 @@ void launch_attention_mma(float* out, const float* q, const float* k, const floa
 
 // ---- gated MLP: bias + activation + product on 16-bit storage ------------------------------
 
-template <class H>
-__device__ inline float half_to_float(H x) {
-  if constexpr (std::is_same_v<H, __nv_bfloat16>) return __bfloat162float(x);
-  else return __half2float(x);
-}
-template <class H>
-__device__ inline H float_to_half(float x) {
-  if constexpr (std::is_same_v<H, __nv_bfloat16>) return __float2bfloat16_rn(x);
-  else return __float2half_rn(x);
-}
-
-/// g[i] = Act(g[i] + bg[i % F]) * (u[i] + bu[i % F]) over [M, F] 16-bit values, in fp32, in place
+/// g[i] = Act(g[i] + bg[i % F]) * (u[i] + bu[i % F]) over [M, F] bf16 values, in fp32, in place
 /// on g; bg, bu may be null. VEC elements per thread step (VEC 8 needs F % 8 == 0 and 16-byte
 /// aligned rows: one uint4 load of each operand).
-template <class Act, class H, int VEC>
-__global__ void gated_bias_half_kernel(H* __restrict__ g, const H* __restrict__ u, const float* __restrict__ bg,
-                                       const float* __restrict__ bu, index_t M, index_t F) {
+template <class Act, int VEC>
+__global__ void gated_bias_bf16_kernel(__nv_bfloat16* __restrict__ g, const __nv_bfloat16* __restrict__ u,
+                                       const float* __restrict__ bg, const float* __restrict__ bu, index_t M,
+                                       index_t F) {
+  using H = __nv_bfloat16;
   const index_t n = M * F / VEC;
   for (index_t i = global_id(); i < n; i += global_stride()) {
     H gv[VEC], uv[VEC];
@@ -655,9 +642,9 @@ __global__ void gated_bias_half_kernel(H* __restrict__ g, const H* __restrict__ 
     const index_t c0 = (i * VEC) % F;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const float a = half_to_float(gv[e]) + (bg ? bg[c0 + e] : 0.f);
-      const float b = half_to_float(uv[e]) + (bu ? bu[c0 + e] : 0.f);
-      gv[e] = float_to_half<H>(Act::f(a) * b);
+      const float a = __bfloat162float(gv[e]) + (bg ? bg[c0 + e] : 0.f);
+      const float b = __bfloat162float(uv[e]) + (bu ? bu[c0 + e] : 0.f);
+      gv[e] = ::distilx::cuda_backend::detail::to_half<H>(Act::f(a) * b);
     }
     if constexpr (VEC == 8) reinterpret_cast<uint4*>(g)[i] = *reinterpret_cast<const uint4*>(gv);
     else g[i] = gv[0];
@@ -738,9 +725,9 @@ void gated_mlp_forward(cuda be, T* x, const T* xn, const T* wg, const T* bg, con
       H* g16 = reinterpret_cast<H*>(gate);
       const H* u16 = reinterpret_cast<const H*>(up);
       if (vec)
-        k::gated_bias_half_kernel<Act, H, 8><<<k::grid_for(items), k::kBlock, 0, k::stream()>>>(g16, u16, bg, bu, M, F);
+        k::gated_bias_bf16_kernel<Act, 8><<<k::grid_for(items), k::kBlock, 0, k::stream()>>>(g16, u16, bg, bu, M, F);
       else
-        k::gated_bias_half_kernel<Act, H, 1><<<k::grid_for(items), k::kBlock, 0, k::stream()>>>(g16, u16, bg, bu, M, F);
+        k::gated_bias_bf16_kernel<Act, 1><<<k::grid_for(items), k::kBlock, 0, k::stream()>>>(g16, u16, bg, bu, M, F);
       DISTILX_CUDA_LAUNCH_CHECK();
       const cd::HalfOperand h{gate, F, 0};
       const cd::HalfOperand w_d = cd::half_operand(cd::Operand{wd, d, F, F, 0, 1}, mode, 1);
