@@ -180,7 +180,7 @@ int case_mismatch(par::Communicator& comm, Checker& ck) {
   try {
     par::DataParallelOptions o;
     o.mode = comm.rank() == 0 ? par::ShardingMode::replicate : par::ShardingMode::zero1;
-    par::NcclDataParallel<float> bad(shared, layout, o);
+    par::NcclDataParallel<float> bad(shared, one_tensor_layout(), o);
   } catch (const dx::config_error& e) {
     msg = e.what();
   }

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstddef>
 #include <map>
 #include <mutex>
@@ -74,14 +75,14 @@ class CachingAllocator {
     free_.clear();
   }
   /// Bytes held from the device, cached free blocks included.
-  std::size_t reserved_bytes() const { return reserved_; }
+  std::size_t reserved_bytes() const { return reserved_.load(); }
   /// Bytes in live allocations (rounded to the size class), now and at most since reset_peak():
   /// the analogue of torch.cuda.memory_allocated / max_memory_allocated.
-  std::size_t in_use_bytes() const { return in_use_; }
-  std::size_t peak_in_use_bytes() const { return peak_in_use_; }
+  std::size_t in_use_bytes() const { return in_use_.load(); }
+  std::size_t peak_in_use_bytes() const { return peak_in_use_.load(); }
   void reset_peak() {
     std::lock_guard<std::mutex> lk(mu_);
-    peak_in_use_ = in_use_;
+    peak_in_use_.store(in_use_.load());
   }
 
  private:
@@ -95,9 +96,10 @@ class CachingAllocator {
   std::map<void*, std::size_t> live_;
   void note_in_use_(std::size_t sz) {  // mu_ held
     in_use_ += sz;
-    if (in_use_ > peak_in_use_) peak_in_use_ = in_use_;
+    if (in_use_.load() > peak_in_use_.load()) peak_in_use_.store(in_use_.load());
   }
-  std::size_t reserved_ = 0, in_use_ = 0, peak_in_use_ = 0;
+  // Written under mu_; atomic so that the getters may read them from any thread without it.
+  std::atomic<std::size_t> reserved_{0}, in_use_{0}, peak_in_use_{0};
 };
 
 /// The stream every distilx CUDA op of this host thread runs on.

@@ -662,8 +662,8 @@ inline void half_gemm_nt(index_t M, index_t N, index_t K, const HalfOperand& a, 
   DISTILX_CUBLAS_CHECK(cublasGemmEx_64(cublas_handle(true), CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, w.p, t16, w.ld,
                                        a.p, t16, a.ld, &beta, y, ty, ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
-/// Whether the projections of a layer with input width d and output widths n... take the 16-bit
-/// path: a half math mode and no thin product.
+/// Whether a layer's projections of M rows from width d to the given output widths take the
+/// 16-bit path: a half math mode and no thin product (all of M, d and the widths above kThinDim).
 inline bool fused_half_path(MathMode mode, index_t M, index_t d, std::initializer_list<index_t> widths) {
   if (!is_half_mode(mode) || M <= kThinDim || d <= kThinDim) return false;
   for (index_t n : widths)
