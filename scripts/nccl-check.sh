@@ -69,7 +69,7 @@ NGPU=$("$STAGE/distilx_nccl_tests" --device-count)
 echo "GPUs visible: $NGPU; NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE"
 nvidia-smi topo -m > "$OUT/topo.txt" 2>&1 || true
 
-PLUMB=skipped; TESTS_RC=skipped; MPI=skipped
+PLUMB=skipped; TESTS_RC=skipped; MPI=skipped; APP=skipped
 if [ "${ONLY:-all}" != bench ]; then
 echo; echo "== GPU-less plumbing tests (launcher environments, rendezvous, launch_local, loader resharding) =="
 if "$STAGE/distilx_parallel_env_tests" > "$OUT/parallel_env.log" 2>&1; then PLUMB=pass; else PLUMB="FAIL ($OUT/parallel_env.log)"; fi
@@ -80,7 +80,7 @@ if [ -e "$STAGE/distiller-enabled" ]; then export DISTILX_NCCL_DISTILLER=1; fi
 bash tests/nccl/run_nccl_tests.sh "$STAGE/distilx_nccl_tests" "$OUT/tests" | tee "$OUT/tests.txt"
 TESTS_RC=${PIPESTATUS[0]}
 
-APP=skipped
+
 if [ -x "$STAGE/distilx" ]; then
   # The app end to end: `distill --gpus 2` on the demo teacher, then the run resumed on 1 GPU
   # with the same global batch (2 x 4 rows -> 1 x 8 rows) from its step-10 checkpoint.

@@ -28,6 +28,15 @@ for c in collectives mismatch gradients zero1; do
   else record "$c" "FAIL (rc $?, $LOG/$c.log)"; grep -h "FAIL\|exception" "$LOG/$c.log" | head -5; fi
 done
 
+# Where 4 GPUs are visible, the collectives, the gradient reduction (both modes, overlapped
+# buckets) and ZeRO-1's sharded AdamW again with 4 ranks (shards of a quarter, odd remainders).
+if [ "$NGPU" -ge 4 ]; then
+  for c in collectives mismatch gradients zero1; do
+    if timeout 600 "$BIN" --case=$c --gpus=4 > "$LOG/${c}_4.log" 2>&1; then record "$c (4 GPUs)" pass
+    else record "$c (4 GPUs)" "FAIL (rc $?, $LOG/${c}_4.log)"; grep -h "FAIL\|exception" "$LOG/${c}_4.log" | head -5; fi
+  done
+fi
+
 # A rank skips a collective: the waiting rank throws within the deadline (checked inside).
 t0=$(date +%s)
 if DISTILX_NCCL_TIMEOUT=5 timeout 120 "$BIN" --case=timeout --gpus=2 > "$LOG/timeout.log" 2>&1; then
@@ -99,6 +108,14 @@ if [ "${DISTILX_NCCL_DISTILLER:-0}" = 1 ]; then
   else record "resume it on 1 GPU x 2 rows is refused" "FAIL (no clear message; $D/resb.log)"; fi
   run "2 GPUs ZeRO-1 checkpoint at step 10" --gpus=2 --zero1=1 --max-steps=20 --stop-at=10 --run-dir=$D/ckz --out=$D/z10.txt --reference=$D/ref.txt
   run "resume the ZeRO-1 checkpoint on 1 GPU" --gpus=1 --max-steps=20 --resume=$D/ckz --out=$D/zres.txt --reference=$D/ref.txt
+  if [ "$NGPU" -ge 4 ]; then
+    # One row per rank: the same global batch of 4 on 4 GPUs.
+    run "4 GPUs match 1 GPU (1e-5)" --gpus=4 --max-steps=20 --out=$D/dp4.txt --reference=$D/ref.txt
+    run "4 GPUs ZeRO-1 match plain DP" --gpus=4 --zero1=1 --max-steps=20 --out=$D/z4.txt --reference=$D/dp4.txt
+    run "4 GPUs ZeRO-1 checkpoint at step 10" --gpus=4 --zero1=1 --max-steps=20 --stop-at=10 --run-dir=$D/ckz4 --out=$D/z4_10.txt --reference=$D/ref.txt
+    # Optimizer shards of a quarter regathered and cut in halves.
+    run "resume the 4-GPU ZeRO-1 checkpoint on 2 GPUs (ZeRO-1)" --gpus=2 --zero1=1 --max-steps=20 --resume=$D/ckz4 --out=$D/z4res2.txt --reference=$D/ref.txt
+  fi
 fi
 
 echo
