@@ -5,6 +5,7 @@
 // forward, loss, student backward, optimizer), the whole Distiller::step, tokens/s, MFU
 // against the bf16 GEMM rate measured in the same run, peak memory; then student decoding.
 // Prints a table and writes JSON (--out) for bench/plot_step.py and bench/compare.py.
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <chrono>
@@ -50,6 +51,15 @@ struct Timer {
     return t;
   }
 };
+
+/// --profile: the profiler's range covers one measured step; a marker kernel with the phase's
+/// number ends each phase, so a kernel-by-kernel trace (ncu, scripts/kernel_profile.py) can be
+/// cut into phases.
+bool g_profile = false;
+__global__ void phase_marker_kernel(int) {}
+void phase_marker(int phase) {
+  if (g_profile) phase_marker_kernel<<<1, 1, 0, cuda_backend::current_stream()>>>(phase);
+}
 
 double used_gib() {
   std::size_t free_b = 0, total_b = 0;
@@ -131,8 +141,11 @@ nlohmann::json phase_breakdown(Workload& w, index_t B, index_t T, int iters) {
   double t_teacher = 0, t_sfwd = 0, t_loss = 0, t_bwd = 0, t_opt = 0;
   DistillationMetrics m;
   for (int it = -1; it < iters; ++it) {  // it = -1: warm-up
+    if (g_profile && it == 0) DISTILX_CUDA_CHECK(cudaProfilerStart());
     const double a = tm.ms([&] { w.teacher.forward(tok.data(), B, T, nullptr, nullptr, &hidden); });
+    if (it == 0) phase_marker(1);
     const double b = tm.ms([&] { s.forward(tok.data(), B, T); });
+    if (it == 0) phase_marker(2);
     const double c = tm.ms([&] {
       DistillationInputs<float> in;
       in.vocab.h_s = s.hidden();
@@ -152,12 +165,14 @@ nlohmann::json phase_breakdown(Workload& w, index_t B, index_t T, int iters) {
       for (auto& x : dH) g.dH_s.push_back(x.data());
       m = loss.compute(in, lw, g, true);
     });
+    if (it == 0) phase_marker(3);
     const double e = tm.ms([&] {
       std::vector<const float*> dblocks;
       for (auto& x : dH) dblocks.push_back(x.data());
       s.zero_grad();
       s.backward(dh.data(), &dblocks);
     });
+    if (it == 0) phase_marker(4);
     const double f = tm.ms([&] {
       const double sq = ops::sum_squares(Dev{}, s.grads(), s.flat_size());
       const double coef = 1.0 / (std::sqrt(sq) + 1e-6);
@@ -165,6 +180,8 @@ nlohmann::json phase_breakdown(Workload& w, index_t B, index_t T, int iters) {
       opt.step(s.params(), s.grads(), 2e-4);
       ops::parameters_updated(Dev{});
     });
+    if (it == 0) phase_marker(5);
+    if (g_profile && it == 0) DISTILX_CUDA_CHECK(cudaProfilerStop());
     if (it >= 0) t_teacher += a, t_sfwd += b, t_loss += c, t_bwd += e, t_opt += f;
   }
   const double n = iters;
@@ -264,9 +281,12 @@ int main(int argc, char** argv) {
     else if (a == "--iters" && i + 1 < argc) iters = std::atoi(argv[++i]);
     else if (a == "--no-decode") decode = false;
     else if (a == "--short-decode") contexts = {1024, 2048};
+    else if (a == "--profile") g_profile = true;
     else {
       std::fprintf(stderr, "usage: paper_step_bench [--out FILE.json] [--modes bf16,tf32,fp16,fp32] [--iters N] "
-                           "[--no-decode | --short-decode]\n");
+                           "[--no-decode | --short-decode] [--profile]\n"
+                           "  --profile: one bf16 B16 x T512 step inside cudaProfilerStart/Stop, phases ended by\n"
+                           "  phase_marker_kernel (run under ncu --profile-from-start off, see scripts/kernel_profile.py)\n");
       return 2;
     }
   }
@@ -277,6 +297,13 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   DISTILX_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s\n", prop.name);
+  if (g_profile) {
+    Workload w;
+    cuda_backend::set_math_mode(MathMode::bf16);
+    const nlohmann::json row = phase_breakdown(w, 16, 512, 1);
+    std::printf("profiled step (bf16, B 16 x T 512): %s\n", row.dump().c_str());
+    return 0;
+  }
   nlohmann::json J;
   J["bench"] = "paper_step_bench";
   J["device"] = prop.name;
