@@ -445,8 +445,20 @@ BOOST_AUTO_TEST_CASE(vocab_loss_16bit_gemms_match_cpu) {
     }
     for (auto mode : {cuda_backend::MathMode::bf16, cuda_backend::MathMode::fp16}) {
       testing::MathModeScope scope(mode);
+      const std::uint64_t staged0 = cuda_backend::detail::staged_image_reads();
       const VocabLossResult rg = lg.compute(in_g, 2.0, 0.8, 0.8, dh.p(), true);
       const std::string what = std::string(to_string(K)) + " " + cuda_backend::to_string(mode);
+      // The row kernel wrote each chunk's gradient as a 16-bit operand for the LM-head product:
+      // one staged read per chunk that has real rows (200 rows in chunks of 64).
+      const std::uint64_t staged = cuda_backend::detail::staged_image_reads() - staged0;
+      index_t live_chunks = 0;
+      for (index_t r0 = 0; r0 < c.M; r0 += cfg.chunk_rows) {
+        bool any = false;
+        for (index_t r = r0; r < std::min(c.M, r0 + cfg.chunk_rows); ++r) any = any || c.mask[std::size_t(r)] != 0;
+        live_chunks += any ? 1 : 0;
+      }
+      BOOST_CHECK_MESSAGE(staged == std::uint64_t(live_chunks),
+                          what << ": " << staged << " LM-head products read the staged gradient, expected " << live_chunks);
       w.check_scalar(what + " kl", rg.kl, rc.kl, 2e-2);
       w.check_scalar(what + " ce", rg.ce, rc.ce, 2e-2);
       const auto g = dh.host();

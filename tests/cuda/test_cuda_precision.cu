@@ -283,6 +283,65 @@ BOOST_AUTO_TEST_CASE(thin_products_stay_fp32_unless_cached) {
   }
 }
 
+BOOST_AUTO_TEST_CASE(staged_16bit_image_feeds_the_next_product) {
+  // An op may write its output straight as a 16-bit image of a float range (the loss's row
+  // kernel does so for the LM-head gradient) and stage it: the next 16-bit product that reads
+  // inside the range takes the image, a thin one included (its fp32 path would read the floats,
+  // which are then not meaningful); a product writing into the range drops it; a product in
+  // another math mode is refused.
+  namespace d = cuda_backend::detail;
+  Rng rng(16);
+  const index_t M = 40, K = 48, N = 64;
+  const auto A = randf(M * K, rng), B = randf(N * K, rng), C0 = randf(M * N, rng);
+  const std::vector<float> junk(A.size(), 1e30f);  // the floats of the range while it is staged
+  auto dA = to_dev(junk), dB = to_dev(B), dC = to_dev(C0);
+  std::vector<__nv_bfloat16> img_h(A.size());
+  for (std::size_t i = 0; i < A.size(); ++i) img_h[i] = __float2bfloat16_rn(A[i]);
+  void* img = nullptr;
+  DISTILX_CUDA_CHECK(cudaMalloc(&img, 2 * A.size()));
+  DISTILX_CUDA_CHECK(cudaMemcpy(img, img_h.data(), 2 * A.size(), cudaMemcpyHostToDevice));
+  const auto Ar = rounded(A, MathMode::bf16), Br = rounded(B, MathMode::bf16);
+  {
+    ModeScope scope(MathMode::bf16);
+    const std::uint64_t reads0 = d::staged_image_reads();
+    d::stage_half_image(dA.data(), M * K, img, MathMode::bf16);
+    // The whole range.
+    ops::gemm(distilx::cuda{}, Trans::no, Trans::yes, M, N, K, 1.f, dA.data(), K, dB.data(), K, 0.f, dC.data(), N);
+    const double e_full = window_error(dC.to_host(), ref_gemm(Trans::no, Trans::yes, M, N, K, 1.0, Ar, K, Br, K, 0.0, C0, N), M, N, N);
+    // A thin product (N = 8).
+    const index_t Nt = 8;
+    ops::gemm(distilx::cuda{}, Trans::no, Trans::yes, M, Nt, K, 1.f, dA.data(), K, dB.data(), K, 0.f, dC.data(), Nt);
+    const double e_thin =
+        window_error(dC.to_host(), ref_gemm(Trans::no, Trans::yes, M, Nt, K, 1.0, Ar, K, Br, K, 0.0, C0, Nt), M, Nt, Nt);
+    // Rows 10..29 of the range (an offset into the image).
+    const index_t r0 = 10, Mr = 20;
+    ops::gemm(distilx::cuda{}, Trans::no, Trans::yes, Mr, N, K, 1.f, dA.data() + r0 * K, K, dB.data(), K, 0.f,
+              dC.data(), N);
+    const std::vector<float> Asub(Ar.begin() + r0 * K, Ar.begin() + (r0 + Mr) * K);
+    const double e_rows =
+        window_error(dC.to_host(), ref_gemm(Trans::no, Trans::yes, Mr, N, K, 1.0, Asub, K, Br, K, 0.0, C0, N), Mr, N, N);
+    BOOST_TEST_MESSAGE("staged image vs rounded operands: whole " << e_full << ", thin " << e_thin << ", rows " << e_rows);
+    BOOST_CHECK_LE(e_full, 1e-5);
+    BOOST_CHECK_LE(e_thin, 1e-5);
+    BOOST_CHECK_LE(e_rows, 1e-5);
+    BOOST_CHECK_EQUAL(d::staged_image_reads() - reads0, 3u);
+    // A product that writes into the range makes the image stale: it is dropped, and the next
+    // product reads the range's new floats.
+    ops::gemm(distilx::cuda{}, Trans::no, Trans::yes, M, K, N, 1.f, dC.data(), N, dB.data(), N, 0.f, dA.data(), K);
+    BOOST_CHECK(!d::inside_staged_image(dA.data(), M * K));
+  }
+  // Staged as bf16, read in another mode: refused with an error, not a silent wrong result.
+  d::stage_half_image(dA.data(), M * K, img, MathMode::bf16);
+  for (MathMode m : {MathMode::fp16, MathMode::fp32}) {
+    ModeScope scope(m);
+    BOOST_CHECK_THROW(
+        ops::gemm(distilx::cuda{}, Trans::no, Trans::yes, M, N, K, 1.f, dA.data(), K, dB.data(), K, 0.f, dC.data(), N),
+        distilx::error);
+  }
+  d::drop_staged_image();
+  DISTILX_CUDA_CHECK(cudaFree(img));
+}
+
 BOOST_AUTO_TEST_CASE(gemm_k0_every_mode) {
   Rng rng(14);
   const index_t M = 9, N = 11, ldc = 13;

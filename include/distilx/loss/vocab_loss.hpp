@@ -127,6 +127,7 @@ class VocabLoss {
       a.ce = ce_.data();
       a.agree = agree_.data();
       a.dz = want_grad ? zs_.data() : nullptr;  // the gradient overwrites the student logits in place
+      a.dz_feeds_lm_head_only = true;           // read by lm_head_backward below, nothing else
       ops::distill_rows(be, a);
       // Sequential sums over rows: the result does not depend on the thread count.
       for (index_t r = 0; r < rows; ++r) {

@@ -207,9 +207,54 @@ inline void convert_flat(void* dst, const float* src, index_t n, MathMode mode) 
   DISTILX_CUDA_LAUNCH_CHECK();
 }
 
+/// Per-thread, per-stream scratch of the 16-bit operands: slots 0 and 1 hold the A and B operands
+/// converted for one product; slot 2 holds a staged image (see stage_half_image).
 inline void* operand_scratch(int slot, std::size_t bytes) {
-  thread_local SlotScratch<2> s;
+  thread_local SlotScratch<3> s;
   return s.get(slot, bytes);
+}
+constexpr int kStagedImageSlot = 2;
+
+/// A 16-bit image of a float range that the kernel producing the values wrote directly (the
+/// loss's row kernel writes the logits gradient in bf16 / fp16 for the LM-head product that
+/// follows, instead of fp32 that the product would convert). While staged, a 16-bit product on
+/// the same thread and stream that reads inside the range takes the image; the float values in
+/// the range are then not meaningful, so such a product never falls back to fp32 (see
+/// thin_product_prefers_fp32). One image per thread; a product that writes into the range, or
+/// the next staging, drops it.
+struct StagedImage {
+  const float* p = nullptr;
+  index_t n = 0;
+  const void* image = nullptr;
+  MathMode type = MathMode::bf16;
+  cudaStream_t stream = nullptr;
+};
+inline StagedImage& staged_image() {
+  thread_local StagedImage s;
+  return s;
+}
+/// Stages image (2 bytes per element, the layout of [p, p + n)) for the current stream.
+inline void stage_half_image(const float* p, index_t n, const void* image, MathMode type) {
+  staged_image() = StagedImage{p, n, image, type, current_stream()};
+}
+inline void drop_staged_image() { staged_image() = StagedImage{}; }
+/// Products of this thread that read a staged image so far (tests check the handoff with it).
+inline std::uint64_t& staged_image_reads() {
+  thread_local std::uint64_t n = 0;
+  return n;
+}
+/// True when [p, p + extent) lies inside the staged range (whatever the mode or stream).
+inline bool inside_staged_image(const float* p, index_t extent) {
+  const StagedImage& s = staged_image();
+  return s.p && p >= s.p && p + extent <= s.p + s.n;
+}
+/// A product writes C[rows, cols] (row pitch ld): an image of values it overwrites is stale.
+inline void drop_staged_image_if_written(const float* c, index_t rows, index_t cols, index_t ld, index_t batches = 1,
+                                         index_t stride = 0) {
+  const StagedImage& s = staged_image();
+  if (!s.p || rows <= 0 || cols <= 0) return;
+  const float* end = c + (batches - 1) * stride + (rows - 1) * ld + cols;
+  if (c < s.p + s.n && end > s.p) drop_staged_image();
 }
 
 }  // namespace detail
@@ -473,6 +518,7 @@ inline index_t elements(const Operand& o) { return (o.stride == 0 ? 1 : o.batch)
 constexpr index_t kThinDim = 32;
 inline bool thin_product_prefers_fp32(index_t M, index_t N, index_t K, const Operand& a, const Operand& b) {
   if (std::min({M, N, K}) > kThinDim) return false;
+  if (inside_staged_image(a.p, extent(a)) || inside_staged_image(b.p, extent(b))) return false;  // only the image is valid
   index_t cached = 0, uncached = 0;
   for (const Operand* o : {&a, &b})
     (OperandCache::instance().covers(o->p, extent(*o)) ? cached : uncached) += elements(*o);
@@ -483,6 +529,16 @@ inline bool thin_product_prefers_fp32(index_t M, index_t N, index_t K, const Ope
 /// slot's scratch on the current stream.
 inline HalfOperand half_operand(const Operand& o, MathMode mode, int slot) {
   const index_t extent = detail::extent(o);
+  if (inside_staged_image(o.p, extent)) {
+    const StagedImage& s = staged_image();
+    if (s.type != mode || s.stream != current_stream())
+      throw error(::distilx::detail::concat("gemm(cuda): the operand at ", static_cast<const void*>(o.p),
+                                            " was staged as a ", to_string(s.type), " image on another stream or in ",
+                                            "another math mode than this product's (", to_string(mode),
+                                            "); run the product right after the op that staged it"));
+    ++staged_image_reads();
+    return {static_cast<const char*>(s.image) + 2 * (o.p - s.p), o.ld, o.stride};
+  }
   if (const void* c = OperandCache::instance().lookup(o.p, extent, mode)) return {c, o.ld, o.stride};
   const index_t ldd = (o.cols + 7) / 8 * 8;  // 16-byte row pitch
   const index_t mats = o.stride == 0 ? 1 : o.batch;
@@ -540,12 +596,17 @@ void gemm(cuda, Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha, co
     if (cuda_backend::is_half_mode(mode) && !d::thin_product_prefers_fp32(M, N, K, oa32, ob32)) {
       const d::HalfOperand a = d::half_operand(oa32, mode, 0);
       const d::HalfOperand b = d::half_operand(ob32, mode, 1);
+      d::drop_staged_image_if_written(C, M, N, ldc);  // after the reads: C may be an operand's range
       const cudaDataType_t t16 = d::half_type(mode);
       DISTILX_CUBLAS_CHECK(cublasGemmEx_64(cuda_backend::cublas_handle(true), ob, oa, N, M, K, &alpha, b.p, t16, b.ld,
                                            a.p, t16, a.ld, &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
                                            CUBLAS_GEMM_DEFAULT));
       return;
     }
+    if (d::inside_staged_image(A, d::extent(oa32)) || d::inside_staged_image(B, d::extent(ob32)))
+      throw error("gemm(cuda): an operand was staged as a 16-bit image, but the math mode is now " +
+                  std::string(to_string(mode)) + "; run the product in the mode that staged it");
+    d::drop_staged_image_if_written(C, M, N, ldc);
     DISTILX_CUBLAS_CHECK(cublasSgemm_64(cuda_backend::cublas_handle(true), ob, oa, N, M, K, &alpha, B, ldb, A, lda,
                                         &beta, C, ldc));
   } else {
@@ -582,12 +643,17 @@ void gemm_strided_batched(cuda, Trans ta, Trans tb, index_t M, index_t N, index_
     if (cuda_backend::is_half_mode(mode) && !d::thin_product_prefers_fp32(M, N, K, oa32, ob32)) {
       const d::HalfOperand a = d::half_operand(oa32, mode, 0);
       const d::HalfOperand b = d::half_operand(ob32, mode, 1);
+      d::drop_staged_image_if_written(C, M, N, ldc, batch, stride_c);
       const cudaDataType_t t16 = d::half_type(mode);
       DISTILX_CUBLAS_CHECK(cublasGemmStridedBatchedEx_64(
           cuda_backend::cublas_handle(true), ob, oa, N, M, K, &alpha, b.p, t16, b.ld, b.stride, a.p, t16, a.ld,
           a.stride, &beta, C, CUDA_R_32F, ldc, stride_c, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
       return;
     }
+    if (d::inside_staged_image(A, d::extent(oa32)) || d::inside_staged_image(B, d::extent(ob32)))
+      throw error("gemm_strided_batched(cuda): an operand was staged as a 16-bit image, but the math mode is now " +
+                  std::string(to_string(mode)) + "; run the product in the mode that staged it");
+    d::drop_staged_image_if_written(C, M, N, ldc, batch, stride_c);
     DISTILX_CUBLAS_CHECK(cublasSgemmStridedBatched_64(cuda_backend::cublas_handle(true), ob, oa, N, M, K, &alpha, B,
                                                       ldb, stride_b, A, lda, stride_a, &beta, C, ldc, stride_c, batch));
   } else {

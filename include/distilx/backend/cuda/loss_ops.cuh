@@ -225,7 +225,9 @@ template <class T>
 struct RowArgs {
   const T* zs;
   const T* zt;  // null: no divergence
-  T* dz;        // null: no gradient
+  T* dz;        // null: no gradient (in T)
+  void* dz16;   // T = float only: the gradient as bf16 (dz16_bf16) or fp16 instead of dz; null: none
+  bool dz16_bf16;
   const std::int32_t* targets;  // device [R] or null
   const std::uint8_t* mask;     // device [R] or null
   double* div;                  // device [R]
@@ -245,6 +247,28 @@ struct RowArgs {
 constexpr int kSlotCount = 33;  // 32 warp partials + 1 block partial per reduction
 
 /// log2 of the mixture m = beta p_t + (1 - beta) p_s from log2 p_t, log2 p_s (the CPU's LogMixture in base 2).
+/// Stores VEC gradient values at element j of the row: in T to dz, or as 16-bit values to dz16.
+template <class T, int VEC>
+__device__ inline void store_grad(const RowArgs<T>& a, T* dz_row, index_t row, int j, const Vec<T, VEC>& g) {
+  if (dz_row) {
+    store<T, VEC>(dz_row + j, g);
+    return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    const index_t at = row * a.V + j;
+    if constexpr (VEC == 4) {
+      const float4 v = make_float4(g.v[0], g.v[1], g.v[2], g.v[3]);
+      if (a.dz16_bf16) cuda_backend::detail::store4(static_cast<__nv_bfloat16*>(a.dz16) + at, v);
+      else cuda_backend::detail::store4(static_cast<__half*>(a.dz16) + at, v);
+    } else {
+      for (int k = 0; k < VEC; ++k) {
+        if (a.dz16_bf16) static_cast<__nv_bfloat16*>(a.dz16)[at + k] = cuda_backend::detail::to_half<__nv_bfloat16>(g.v[k]);
+        else static_cast<__half*>(a.dz16)[at + k] = cuda_backend::detail::to_half<__half>(g.v[k]);
+      }
+    }
+  }
+}
+
 template <class T>
 __device__ inline T log2_mix(const RowArgs<T>& a, T l2t, T l2s) {
   if (a.beta == T(0)) return l2s;
@@ -276,12 +300,13 @@ __global__ void __launch_bounds__(1024) distill_rows_kernel(RowArgs<T> a) {
   const T* s_row = a.zs + row * V;
   const T* t_row = a.zt ? a.zt + row * V : nullptr;
   T* dz_row = a.dz ? a.dz + row * V : nullptr;
+  const bool want_dz = dz_row != nullptr || a.dz16 != nullptr;
   const int step = blockDim.x * VEC;
   const int first = j0 + threadIdx.x * VEC;
 
   if (a.mask && !a.mask[row]) {  // padding: zeros everywhere (uniform over the cluster: no barrier)
-    if (dz_row)
-      for (int j = first; j < j1; j += step) store<T, VEC>(dz_row + j, Vec<T, VEC>{});
+    if (want_dz)
+      for (int j = first; j < j1; j += step) store_grad<T, VEC>(a, dz_row, row, j, Vec<T, VEC>{});
     if (rank == 0 && threadIdx.x == 0) {
       a.div[row] = 0;
       a.ce[row] = 0;
@@ -401,7 +426,7 @@ __global__ void __launch_bounds__(1024) distill_rows_kernel(RowArgs<T> a) {
   // dD/dq = p_s (g - <p_s, g>) for g = dD/dp_s (see the CPU op); dD/dz_s = dD/dq / tau; CE adds
   // softmax(z_s) - onehot(y).
   const bool fwd_div = K == Divergence::forward_kl && has_div;
-  if (dz_row || fwd_div) {
+  if (want_dz || fwd_div) {
     const T kc = has_div ? a.kc : T(0);
     const T cc = has_target ? a.cc : T(0);
     T dsum = 0;
@@ -433,7 +458,7 @@ __global__ void __launch_bounds__(1024) distill_rows_kernel(RowArgs<T> a) {
         if (cc != T(0)) gk += cc * (dexp2((s.v[k] - ms) * T(kLog2e) - L21) - (j + k == y ? T(1) : T(0)));
         g.v[k] = gk;
       }
-      if (dz_row) store<T, VEC>(dz_row + j, g);
+      if (want_dz) store_grad<T, VEC>(a, dz_row, row, j, g);
     }
     if (fwd_div) {
       const Sums2<T> r = block_cluster_reduce(Sums2<T>{A(dsum), A(0)}, div_slots, a.csize, SumsMerge<T>{});
@@ -727,7 +752,7 @@ void run_distill_rows(lk::RowArgs<T> args, index_t R) {
   l.cached = cached;
   l.smem_bytes = smem;
   l.passes = 1 + (args.zt && K != Divergence::forward_kl ? 1 : 0) +
-             ((args.dz || (args.zt && K == Divergence::forward_kl)) ? 1 : 0);
+             ((args.dz || args.dz16 || (args.zt && K == Divergence::forward_kl)) ? 1 : 0);
   launch_distill_rows<K, T, VEC>(args, R, threads, smem);
 }
 
@@ -735,7 +760,9 @@ template <Divergence K, class T>
 void dispatch_vec(const lk::RowArgs<T>& args, index_t R) {
   constexpr int kVec = 16 / sizeof(T);
   auto aligned = [](const void* p) { return p == nullptr || reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
-  if (args.V % kVec == 0 && aligned(args.zs) && aligned(args.zt) && aligned(args.dz))
+  // dz16 (8-byte stores of 4 values) is aligned when V % 4 == 0 and its base is 8-byte aligned.
+  if (args.V % kVec == 0 && aligned(args.zs) && aligned(args.zt) && aligned(args.dz) &&
+      reinterpret_cast<std::uintptr_t>(args.dz16) % 8 == 0)
     run_distill_rows<K, T, kVec>(args, R);
   else
     run_distill_rows<K, T, 1>(args, R);
@@ -780,6 +807,19 @@ void distill_rows(cuda, const DistillRows<T>& a) {
   args.zs = a.zs;
   args.zt = a.zt;
   args.dz = a.dz;
+  namespace cbd = ::distilx::cuda_backend::detail;
+  cbd::drop_staged_image();  // a new gradient: an image of the last one is stale
+  if constexpr (std::is_same_v<T, float>) {
+    // The gradient only feeds the LM-head product, which reads 16-bit operands in bf16 / fp16
+    // mode: write it in that format (half the bytes, and no conversion pass before the product).
+    const auto mode = cuda_backend::math_mode();
+    if (a.dz && a.dz_feeds_lm_head_only && cuda_backend::is_half_mode(mode)) {
+      args.dz16 = cbd::operand_scratch(cbd::kStagedImageSlot, 2 * static_cast<std::size_t>(R * V));
+      args.dz16_bf16 = mode == cuda_backend::MathMode::bf16;
+      args.dz = nullptr;
+      cbd::stage_half_image(a.dz, R * V, args.dz16, mode);
+    }
+  }
   args.targets = a.targets ? reinterpret_cast<const std::int32_t*>(buf + off_tgt) : nullptr;
   args.mask = a.mask ? buf + off_mask : nullptr;
   args.div = reinterpret_cast<double*>(buf);

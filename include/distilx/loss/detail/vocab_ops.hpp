@@ -53,6 +53,10 @@ struct DistillRows {
   double* ce = nullptr;                    // [R] out: -log softmax(z_s)[y] per row (0 where excluded)
   std::uint8_t* agree = nullptr;           // [R] out: argmax z_s == argmax z_t (first index on ties)
   T* dz = nullptr;                         // [R, V] out: d total / d z_s, or null; may alias zs
+  // The caller's only use of dz is the lm_head_backward product that follows. A backend may then
+  // hand that product the gradient in its own operand format instead (the CUDA backend in bf16 /
+  // fp16 mode writes it straight as a 16-bit operand, and the floats in dz are not meaningful).
+  bool dz_feeds_lm_head_only = false;
 };
 
 namespace detail {
