@@ -342,6 +342,42 @@ BOOST_AUTO_TEST_CASE(staged_16bit_image_feeds_the_next_product) {
   DISTILX_CUDA_CHECK(cudaFree(img));
 }
 
+BOOST_AUTO_TEST_CASE(rmsnorm_for_products_stages_16bit_rows) {
+  // The teacher's norms feed only products: in bf16 / fp16 the GPU writes the normed rows straight
+  // as a staged 16-bit image. The product that follows must equal the product of the CPU norm's
+  // rows rounded to 16 bits (both the register-row kernel, C % 128 == 0, and the any-width one);
+  // the staging ends with the returned object; in fp32 the floats are written as rmsnorm_forward.
+  namespace d = cuda_backend::detail;
+  Rng rng(17);
+  for (index_t C : {index_t(256), index_t(200)}) {
+    const index_t M = 50, N = 40;
+    const auto X = randf(M * C, rng), W = randf(C, rng), B = randf(N * C, rng), C0 = randf(M * N, rng);
+    std::vector<float> Y(static_cast<std::size_t>(M * C));
+    ops::rmsnorm_forward(cpu{}, Y.data(), static_cast<float*>(nullptr), X.data(), W.data(), M, C, 1e-6f);
+    auto dX = to_dev(X), dW = to_dev(W), dB = to_dev(B), dY = to_dev(std::vector<float>(Y.size(), 0.f)), dC = to_dev(C0);
+    for (MathMode m : {MathMode::bf16, MathMode::fp16, MathMode::fp32}) {
+      ModeScope scope(m);
+      {
+        const auto reg = ops::rmsnorm_forward_for_products(distilx::cuda{}, dY.data(), dX.data(), dW.data(), M, C, 1e-6f);
+        BOOST_CHECK_EQUAL(d::inside_staged_image(dY.data(), M * C), m != MathMode::fp32);
+        ops::gemm(distilx::cuda{}, Trans::no, Trans::yes, M, N, C, 1.f, dY.data(), C, dB.data(), C, 0.f, dC.data(), N);
+      }
+      BOOST_CHECK(!d::inside_staged_image(dY.data(), M * C));
+      const auto ref = ref_gemm(Trans::no, Trans::yes, M, N, C, 1.0, rounded(Y, m), C, rounded(B, m), C, 0.0, C0, N);
+      const double e = window_error(dC.to_host(), ref, M, N, N);
+      BOOST_TEST_MESSAGE("rmsnorm for products, C " << C << ", " << cuda_backend::to_string(m)
+                                                    << ": product vs the rounded CPU norm " << e);
+      // The norm's own rounding differs from the CPU's by a few float ulps, which can move a
+      // 16-bit rounding by one step on a few elements: 1e-4 (a wrong scale or row is ~1).
+      BOOST_CHECK_LE(e, m == MathMode::fp32 ? 1e-6 : 1e-4);
+      if (m == MathMode::fp32) {
+        const auto y = dY.to_host();
+        BOOST_CHECK_LE(relative_error(y.data(), Y.data(), M * C), 1e-6);
+      }
+    }
+  }
+}
+
 BOOST_AUTO_TEST_CASE(gemm_k0_every_mode) {
   Rng rng(14);
   const index_t M = 9, N = 11, ldc = 13;

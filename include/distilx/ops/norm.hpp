@@ -7,6 +7,7 @@
 
 #include <cmath>
 
+#include "distilx/backend/memory.hpp"
 #include "distilx/backend/tags.hpp"
 #include "distilx/core/config.hpp"
 
@@ -96,6 +97,17 @@ void rmsnorm_forward(cpu, T* y, T* rstd, const T* x, const T* w, index_t M, inde
     for (index_t c = 0; c < C; ++c) yr[c] = (xr[c] * rs) * w[c];
     if (rstd) rstd[r] = rs;
   }
+}
+
+/// RMSNorm whose output only feeds products (gemm and the ops built on it: linear_forward,
+/// qkv_forward, gated_mlp_forward) for as long as the returned object lives, without rstd. The
+/// CPU writes y exactly as rmsnorm_forward does. A backend with 16-bit products may instead write
+/// y in its operand format and serve it to those products (the CUDA backend in bf16 / fp16): the
+/// floats in y are then not meaningful, so nothing but products may read y in that scope.
+template <class T>
+OperandRegistration rmsnorm_forward_for_products(cpu be, T* y, const T* x, const T* w, index_t M, index_t C, T eps) {
+  rmsnorm_forward(be, y, static_cast<T*>(nullptr), x, w, M, C, eps);
+  return {};
 }
 
 }  // namespace distilx::ops

@@ -264,10 +264,13 @@ class LlamaTeacher {
     for (index_t l = 0; l < L; ++l) {
       const Layer& ly = layers_[static_cast<std::size_t>(l)];
       // Attention block.
-      ops::rmsnorm_forward(be, xn_.data(), static_cast<T*>(nullptr), x_.data(), ly.input_norm.data(), M, d, eps);
-      // q [M, NH, DH]; k, v [M, NKV, DH]
-      ops::qkv_forward(be, q_.data(), k_.data(), v_.data(), xn_.data(), ly.wq.data(), bias_(ly.bq), ly.wk.data(),
-                       bias_(ly.bk), ly.wv.data(), bias_(ly.bv), M, d, NH * DH, NKV * DH);
+      {
+        // xn is read by the q, k, v products only (16 bits straight from the norm on the GPU).
+        const auto xn = ops::rmsnorm_forward_for_products(be, xn_.data(), x_.data(), ly.input_norm.data(), M, d, eps);
+        // q [M, NH, DH]; k, v [M, NKV, DH]
+        ops::qkv_forward(be, q_.data(), k_.data(), v_.data(), xn_.data(), ly.wq.data(), bias_(ly.bq), ly.wk.data(),
+                         bias_(ly.bk), ly.wv.data(), bias_(ly.bv), M, d, NH * DH, NKV * DH);
+      }
       ash.window = cfg_.sliding_window[static_cast<std::size_t>(l)];
       // RoPE is applied inside the attention op, to q and k as it reads them.
       ops::causal_attention_forward(be, att_.data(), q_.data(), k_.data(), v_.data(), key_mask, ash, scale,
@@ -277,11 +280,13 @@ class LlamaTeacher {
                 NH * DH, T(1), x_.data(), d);
       if (cfg_.o_bias) ops::add_row_vector(be, x_.data(), ly.bo.data(), M, d);
       // SwiGLU MLP block.
-      ops::rmsnorm_forward(be, xn_.data(), static_cast<T*>(nullptr), x_.data(), ly.post_norm.data(), M, d, eps);
-      // x += down(silu(gate(xn)) * up(xn)); gate_ and up_ are its [M, F] scratch.
-      ops::gated_mlp_forward<ops::Silu>(be, x_.data(), xn_.data(), ly.w_gate.data(), bias_(ly.b_gate),
-                                        ly.w_up.data(), bias_(ly.b_up), ly.w_down.data(), M, d, F, gate_.data(),
-                                        up_.data());
+      {
+        const auto xn = ops::rmsnorm_forward_for_products(be, xn_.data(), x_.data(), ly.post_norm.data(), M, d, eps);
+        // x += down(silu(gate(xn)) * up(xn)); gate_ and up_ are its [M, F] scratch.
+        ops::gated_mlp_forward<ops::Silu>(be, x_.data(), xn_.data(), ly.w_gate.data(), bias_(ly.b_gate),
+                                          ly.w_up.data(), bias_(ly.b_up), ly.w_down.data(), M, d, F, gate_.data(),
+                                          up_.data());
+      }
       if (cfg_.mlp_bias) ops::add_row_vector(be, x_.data(), ly.b_down.data(), M, d);
       if (hidden_states && l + 1 < L && kept(l + 1))
         ops::copy(be, (*hidden_states)[static_cast<std::size_t>(l + 1)].data(), x_.data(), M * d);

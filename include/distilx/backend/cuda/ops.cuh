@@ -477,6 +477,10 @@ template <class T>
 void lm_head_backward(cuda be, T* dh, const T* dlogits, const T* E, index_t M, index_t d, index_t V,
                       bool accumulate = false) {
   gemm(be, Trans::no, Trans::no, M, d, V, T(1), dlogits, V, E, d, accumulate ? T(1) : T(0), dh, d);
+  // A gradient staged as this product's 16-bit operand (distill_rows) has had its one reader.
+  if constexpr (std::is_same_v<T, float>)
+    if (::distilx::cuda_backend::detail::inside_staged_image(dlogits, M * V))
+      ::distilx::cuda_backend::detail::drop_staged_image();
 }
 
 // ---- causal conv1d --------------------------------------------------------------------

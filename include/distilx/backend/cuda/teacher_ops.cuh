@@ -45,6 +45,7 @@
 #include "distilx/backend/cuda/check.cuh"
 #include "distilx/backend/cuda/memory.cuh"
 #include "distilx/backend/cuda/ops.cuh"
+#include "distilx/backend/memory.hpp"
 #include "distilx/backend/tags.hpp"
 #include "distilx/core/config.hpp"
 #include "distilx/core/error.hpp"
@@ -651,6 +652,52 @@ __global__ void gated_bias_bf16_kernel(__nv_bfloat16* __restrict__ g, const __nv
   }
 }
 
+/// RMSNorm of float rows written as 16-bit values (H = bf16 / fp16) for the products that read
+/// them: y = half((x * rs) * w), rs = 1 / sqrt(mean(x^2) + eps), the float kernel's arithmetic.
+/// One warp per row; the row stays in registers between the sum and the scaling (one read of x):
+/// C % 128 == 0, C <= 128 * MAXV, x and w 16-byte aligned.
+template <class H, int MAXV>
+__global__ void rmsnorm_half_kernel(H* __restrict__ y, const float* __restrict__ x, const float* __restrict__ w,
+                                    index_t M, index_t C, float eps) {
+  const int lane = threadIdx.x % 32;
+  const int nv = static_cast<int>(C / 128);  // float4 per lane
+  const float4* w4 = reinterpret_cast<const float4*>(w);
+  for (index_t r = blockIdx.x * static_cast<index_t>(kRowWarps) + threadIdx.x / 32; r < M;
+       r += static_cast<index_t>(gridDim.x) * kRowWarps) {
+    const float4* xr = reinterpret_cast<const float4*>(x + r * C);
+    float4 v[MAXV];
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < MAXV; ++i)
+      if (i < nv) {
+        v[i] = xr[lane + 32 * i];
+        ss += v[i].x * v[i].x + v[i].y * v[i].y + v[i].z * v[i].z + v[i].w * v[i].w;
+      }
+    const float rs = 1.f / dev_sqrt(warp_sum(ss) / float(C) + eps);
+#pragma unroll
+    for (int i = 0; i < MAXV; ++i)
+      if (i < nv) {
+        const float4 g = w4[lane + 32 * i];
+        const float4 o = make_float4((v[i].x * rs) * g.x, (v[i].y * rs) * g.y, (v[i].z * rs) * g.z, (v[i].w * rs) * g.w);
+        detail::store4(y + r * C + 4 * (lane + 32 * i), o);
+      }
+  }
+}
+/// Any width: the float kernel's two passes over the row, written as 16-bit values.
+template <class H>
+__global__ void rmsnorm_half_rows_kernel(H* __restrict__ y, const float* __restrict__ x, const float* __restrict__ w,
+                                         index_t M, index_t C, float eps) {
+  const int lane = threadIdx.x % 32;
+  for (index_t r = blockIdx.x * static_cast<index_t>(kRowWarps) + threadIdx.x / 32; r < M;
+       r += static_cast<index_t>(gridDim.x) * kRowWarps) {
+    const float* xr = x + r * C;
+    float ss = 0.f;
+    for (index_t c = lane; c < C; c += 32) ss += xr[c] * xr[c];
+    const float rs = 1.f / dev_sqrt(warp_sum(ss) / float(C) + eps);
+    for (index_t c = lane; c < C; c += 32) y[r * C + c] = detail::to_half<H>((xr[c] * rs) * w[c]);
+  }
+}
+
 }  // namespace kernels
 
 namespace detail {
@@ -736,6 +783,41 @@ void gated_mlp_forward(cuda be, T* x, const T* xn, const T* wg, const T* bg, con
     }
   }
   detail::gated_mlp_forward_unfused<Act>(be, x, xn, wg, bg, wu, bu, wd, M, d, F, gate, up);
+}
+
+/// RMSNorm for products (ops/norm.hpp). In bf16 / fp16 the rows are written straight as the
+/// products' 16-bit operand and staged (blas.cuh: stage_half_image) until the returned object
+/// goes: one read of x and a half-size write, instead of a float write that every product's
+/// operand conversion reads again. Otherwise the float rmsnorm_forward.
+template <class T>
+OperandRegistration rmsnorm_forward_for_products(cuda be, T* y, const T* x, const T* w, index_t M, index_t C, T eps) {
+  namespace cd = ::distilx::cuda_backend::detail;
+  namespace k = ::distilx::cuda_backend::kernels;
+  if constexpr (std::is_same_v<T, float>) {
+    const auto mode = ::distilx::cuda_backend::math_mode();
+    if (::distilx::cuda_backend::is_half_mode(mode) && M > 0 && C > 0) {
+      void* img = cd::operand_scratch(cd::kStagedImageSlot, 2 * static_cast<std::size_t>(M * C));
+      const bool bf16 = mode == ::distilx::cuda_backend::MathMode::bf16;
+      const bool vec = C % 128 == 0 && C <= 128 * 16 && reinterpret_cast<std::uintptr_t>(x) % 16 == 0 &&
+                       reinterpret_cast<std::uintptr_t>(w) % 16 == 0;
+      const int grid = k::row_grid(M), block = 32 * k::kRowWarps;
+      if (vec && bf16)
+        k::rmsnorm_half_kernel<__nv_bfloat16, 16><<<grid, block, 0, k::stream()>>>(static_cast<__nv_bfloat16*>(img), x, w, M, C, eps);
+      else if (vec)
+        k::rmsnorm_half_kernel<__half, 16><<<grid, block, 0, k::stream()>>>(static_cast<__half*>(img), x, w, M, C, eps);
+      else if (bf16)
+        k::rmsnorm_half_rows_kernel<__nv_bfloat16><<<grid, block, 0, k::stream()>>>(static_cast<__nv_bfloat16*>(img), x, w, M, C, eps);
+      else
+        k::rmsnorm_half_rows_kernel<__half><<<grid, block, 0, k::stream()>>>(static_cast<__half*>(img), x, w, M, C, eps);
+      DISTILX_CUDA_LAUNCH_CHECK();
+      cd::stage_half_image(y, M * C, img, mode);
+      return OperandRegistration([y] {
+        if (cd::staged_image().p == y) cd::drop_staged_image();
+      });
+    }
+  }
+  rmsnorm_forward(be, y, static_cast<T*>(nullptr), x, w, M, C, eps);
+  return {};
 }
 
 /// dst[0, n) (device) = host[0, n), ordered on the current stream; from pageable memory the call
