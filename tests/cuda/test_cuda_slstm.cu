@@ -1,8 +1,8 @@
 // Tests of SLSTMCell<T, cuda> (include/distilx/backend/cuda/slstm.cuh, spec-xlstm.md §3.2-3.6): forward and
 // backward against the CPU cell on random inputs for both kernel families (quad, simple), several shapes, batch
 // tiles and R placements (registers, shared, global); step() against forward() bit for bit; determinism and
-// tile / R-placement invariance (bitwise); += accumulation and frozen parameters; timing prints for the paper
-// shapes (not assertions).
+// tile / R-placement invariance (bitwise); += accumulation and frozen parameters; dR following the math mode
+// (its cuBLAS products) while the rest stays bitwise fp32; timing prints for the paper shapes (not assertions).
 #include <boost/test/unit_test.hpp>
 #include <cstdint>
 #include <cstdio>
@@ -156,6 +156,17 @@ const std::vector<Case> kSmallCases = {
     {6, 6, 2, 40, 4, SLSTMRPlace::registers},
 };
 
+using distilx::cuda_backend::MathMode;
+
+/// Sets the process-wide math mode (it decides how dR's cuBLAS products run) for one scope.
+struct ModeScope {
+  MathMode saved = distilx::cuda_backend::math_mode();
+  explicit ModeScope(MathMode m) { distilx::cuda_backend::set_math_mode(m); }
+  ~ModeScope() { distilx::cuda_backend::set_math_mode(saved); }
+  ModeScope(const ModeScope&) = delete;
+  ModeScope& operator=(const ModeScope&) = delete;
+};
+
 /// Fills [n] device values with a hash of the index, uniform in [lo, hi) (timing inputs; no host generation).
 template <class T>
 __global__ void fill_hash_kernel(T* x, index_t n, double lo, double hi, std::uint64_t seed) {
@@ -242,8 +253,8 @@ BOOST_AUTO_TEST_CASE(step_matches_forward) {
 
 BOOST_AUTO_TEST_CASE(deterministic_and_tile_invariant) {
   // Two runs bit-identical; within a kernel family every batch tile and R placement gives bit-identical results
-  // too (each row and unit runs the same instruction sequence; dR / dbias use a fixed split of the rows and no
-  // atomics).
+  // too (each row and unit runs the same instruction sequence; dR is a cuBLAS product of the same operands and
+  // shape, dbias a fixed split of the rows without atomics).
   const Problem<float> p(5, 33, 2, 96, 21);
   for (SLSTMKernel kernel : {SLSTMKernel::quad, SLSTMKernel::simple}) {
     SLSTMCudaTuning base;
@@ -313,18 +324,59 @@ BOOST_AUTO_TEST_CASE(accumulates_and_frozen) {
                     distilx::shape_error);
 }
 
+BOOST_AUTO_TEST_CASE(dr_follows_math_mode) {
+  // dR is a cuBLAS product (ops::gemm_strided_batched, one call per gate over the heads) and follows
+  // cuda_backend::math_mode(): exact fp32 in fp32 mode, TF32 or 16-bit operands otherwise. Head dim 96 (> 32, so
+  // the 16-bit path is not skipped as a thin product), 4 heads, 3 sequences of 40 steps: the products cross
+  // batch rows and heads, and rows t = 0 must contribute nothing. The recurrence and dbias do not use the math
+  // mode: y, dwx and dbias must be bitwise the fp32 mode's.
+  const Problem<float> p(3, 40, 4, 96, 31);
+  const Result<float> ref = run_cpu(p);
+  Result<float> base;
+  {
+    ModeScope m(MathMode::fp32);
+    base = run_gpu(p);
+  }
+  BOOST_TEST(distilx::relative_error(base.dR.data(), ref.dR.data(), index_t(ref.dR.size())) <= 1e-5);
+  // Operands rounded to TF32 / fp16 (10 mantissa bits) or bf16 (7), accumulation in fp32: expected norm-wise
+  // errors are a few 1e-4 (fp16, TF32; up to ~1e-3 if TF32 truncates) and ~2e-3 (bf16). The bounds leave room for
+  // that and still fail on any indexing or boundary error (those give errors of order one).
+  const struct {
+    MathMode mode;
+    const char* name;
+    double tol;
+  } modes[] = {{MathMode::tf32, "tf32", 5e-3}, {MathMode::bf16, "bf16", 1e-2}, {MathMode::fp16, "fp16", 3e-3}};
+  for (const auto& md : modes) {
+    ModeScope m(md.mode);
+    const Result<float> got = run_gpu(p);
+    const double er = distilx::relative_error(got.dR.data(), ref.dR.data(), index_t(ref.dR.size()));
+    std::printf("cuda_slstm dR in %s mode: rel err %.2e (bound %.0e)\n", md.name, er, md.tol);
+    BOOST_TEST_CONTEXT("math mode " << md.name) {
+      BOOST_TEST(er <= md.tol);
+      BOOST_TEST(bitwise_equal(got.y, base.y));
+      BOOST_TEST(bitwise_equal(got.dwx, base.dwx));
+      BOOST_TEST(bitwise_equal(got.dbias, base.dbias));
+      if (md.mode == MathMode::bf16) BOOST_TEST(!bitwise_equal(got.dR, base.dR));  // the 16-bit path did run
+    }
+  }
+}
+
 BOOST_AUTO_TEST_CASE(timing_paper_shapes) {
   // Not an assertion: forward / backward milliseconds for one sLSTM layer of the paper config (16 heads x 96),
   // 8192 tokens as B 16 x S 512 and B 4 x S 2048, float; the default plan (quad, R in registers) against quad
   // with R in shared memory and the simple kernels, measured in the same run.
+  // The default plan also in TF32 and bf16 math mode, which only changes dR's cuBLAS products (dR+dbias column).
   struct Variant {
     const char* name;
     SLSTMKernel kernel;
     SLSTMRPlace place;
+    MathMode mode;
   };
-  const Variant variants[] = {{"default", SLSTMKernel::automatic, SLSTMRPlace::automatic},
-                              {"quad/sharedR", SLSTMKernel::quad, SLSTMRPlace::shared},
-                              {"simple", SLSTMKernel::simple, SLSTMRPlace::automatic}};
+  const Variant variants[] = {{"default", SLSTMKernel::automatic, SLSTMRPlace::automatic, MathMode::fp32},
+                              {"quad/sharedR", SLSTMKernel::quad, SLSTMRPlace::shared, MathMode::fp32},
+                              {"simple", SLSTMKernel::simple, SLSTMRPlace::automatic, MathMode::fp32},
+                              {"default/tf32", SLSTMKernel::automatic, SLSTMRPlace::automatic, MathMode::tf32},
+                              {"default/bf16", SLSTMKernel::automatic, SLSTMRPlace::automatic, MathMode::bf16}};
   cudaDeviceProp prop{};
   DISTILX_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   for (const Case& c : std::vector<Case>{{16, 512, 16, 96}, {4, 2048, 16, 96}}) {
@@ -338,6 +390,7 @@ BOOST_AUTO_TEST_CASE(timing_paper_shapes) {
     cudaEvent_t e[4];
     for (cudaEvent_t& ev : e) DISTILX_CUDA_CHECK(cudaEventCreate(&ev));
     for (const Variant& v : variants) {
+      ModeScope mode(v.mode);
       SLSTMCell<float, distilx::cuda> cell(c.NH, c.DH);
       cell.tuning().kernel = v.kernel;
       cell.tuning().r_place = v.place;

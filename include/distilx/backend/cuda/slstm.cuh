@@ -2,7 +2,8 @@
 // kernels: one thread block owns one (head, batch tile) for the whole sequence, keeps the head's recurrent matrix
 // R_h on chip (registers, else shared memory) for all S steps and runs recurrent product, gate math
 // (SLSTMPointwise, the CPU cell's own code) and state update in the same kernel, forward and reversed backward.
-// dR and dbias follow as deterministic split-K reductions (fixed summation order, no float atomics).
+// dR is a cuBLAS product per gate (ops::gemm_strided_batched over the heads, following the math mode) that
+// reads y_{t-1} and the gate gradients in place; dbias a deterministic split reduction (no float atomics).
 #pragma once
 
 #include <cuda_pipeline.h>
@@ -13,6 +14,7 @@
 #include <mutex>
 #include <type_traits>
 
+#include "distilx/backend/cuda/blas.cuh"
 #include "distilx/backend/cuda/check.cuh"
 #include "distilx/backend/cuda/memory.cuh"
 #include "distilx/cells/slstm.hpp"
@@ -45,9 +47,11 @@ struct SLSTMCudaTuning {
 
 namespace cuda_backend::slstm_detail {
 
-// Saved per (b, t) row and unit for the backward pass, layout [B, S, kSlots, H]. y_t is kept (not only
-// recomputable from o c / n) because the dR reduction needs y_{t-1} as a plain operand.
-enum Slot : int { kY = 0, kC, kN, kI, kF, kSigNF, kZ, kO, kSlots };
+// Saved per (b, t) row and unit for the backward pass, layout [B, S, kSlots, H]. Slot kYPrev of row (b, t) holds
+// y_{t-1} (the initial state's y at t = 0: zero in forward()), as in the CPU cell, so the rows of that slot form
+// the dR product's left operand as they are: [B*S, H] with row pitch kSlots*H, no shifted copy and no special
+// case at the sequence starts (their y_{-1} = 0 rows add nothing).
+enum Slot : int { kYPrev = 0, kC, kN, kI, kF, kSigNF, kZ, kO, kSlots };
 // The backward ring holds, per batch row, the 7 gate/state slots (c .. o) followed by dy: [ring][BT][8][DHp].
 constexpr int kRingSlots = 8;
 constexpr int kRingDy = 7;
@@ -227,12 +231,13 @@ __global__ void __launch_bounds__(kMaxThreads) slstm_forward_simple_kernel(FwdAr
       SLSTMGates<T> gs;
       SLSTMPointwise::forward(pre[j], pre[DH + j], pre[2 * DH + j], pre[3 * DH + j], c_s[s], n_s[s], m_s[s], c, n, m,
                               yv, gs);
+      const T y_prev = y_s[s];  // y_{t-1} of this unit (only this thread touches y_s[s] in this phase)
       c_s[s] = c, n_s[s] = n, m_s[s] = m, y_s[s] = yv;
       const index_t row = static_cast<index_t>(b0 + b) * a.S + t;
       a.y[row * H + h * DH + j] = yv;
       if (a.saved) {
         T* sv = a.saved + row * kSlots * H + h * DH + j;
-        sv[kY * H] = yv, sv[kC * H] = c, sv[kN * H] = n, sv[kI * H] = gs.i, sv[kF * H] = gs.f;
+        sv[kYPrev * H] = y_prev, sv[kC * H] = c, sv[kN * H] = n, sv[kI * H] = gs.i, sv[kF * H] = gs.f;
         sv[kSigNF * H] = gs.sig_nf, sv[kZ * H] = gs.z, sv[kO * H] = gs.o;
       }
     }
@@ -563,13 +568,14 @@ __global__ void __launch_bounds__(RP == kRegs ? kQuadRegsThreads : kMaxThreads, 
         T c, n, m, yv;
         SLSTMGates<T> gs;
         SLSTMPointwise::forward(pre[0], pre[1], pre[2], pre[3], cs[r], ns[r], ms[r], c, n, m, yv, gs);
+        const T y_prev = yl[r];  // y_{t-1} of unit (b, j)
         cs[r] = c, ns[r] = n, ms[r] = m, yl[r] = yv;
         yn[b * DHq + j] = yv;
         const index_t row = static_cast<index_t>(b0 + b) * a.S + t;
         a.y[row * H + h * DH + j] = yv;
         if (a.saved) {
           T* sv = a.saved + row * kSlots * H + h * DH + j;
-          sv[kY * H] = yv, sv[kC * H] = c, sv[kN * H] = n, sv[kI * H] = gs.i, sv[kF * H] = gs.f;
+          sv[kYPrev * H] = y_prev, sv[kC * H] = c, sv[kN * H] = n, sv[kI * H] = gs.i, sv[kF * H] = gs.f;
           sv[kSigNF * H] = gs.sig_nf, sv[kZ * H] = gs.z, sv[kO * H] = gs.o;
         }
       }
@@ -747,88 +753,40 @@ __global__ void __launch_bounds__(RP == kRegs ? kQuadRegsThreads : kMaxThreads, 
 }
 
 // ---- dR, dbias ---------------------------------------------------------------------------------------------------
+// dR_h[k][g*DH + j] = sum over the rows (b, t) of y_{t-1}[b, t, h, k] dg[b, t, g, h, j] is a matrix product with
+// the B*S rows as inner dimension; SLSTMCell::backward runs it through cuBLAS (one call per gate, batched over
+// the heads). dbias_h[g*DH + j] = sum over the rows of dg[b, t, g, h, j] is a column sum of dwx, split over rows
+// (fixed splits, fixed order: deterministic) and then summed over the splits.
 
-constexpr int kTile = 64;   // dR output tile (k x q)
-constexpr int kTileR = 16;  // rows (b, t) per shared-memory stage
+constexpr int kBiasThreads = 256;        // dwx columns per block of the dbias partial kernel
+constexpr index_t kBiasSplitRows = 256;  // about this many rows per split ...
+constexpr index_t kBiasMaxSplits = 256;  // ... with at most this many splits
 
-/// Split-K partial of dR_h = sum_rows y_{t-1}[row, h, :]^T dg[row, h, :] over the rows of split blockIdx.z / NH,
-/// tile (k0, q0) = (blockIdx.y, blockIdx.x) * 64; 256 threads, 4x4 outputs each. Blocks with blockIdx.y == 0 also
-/// sum the dg columns of their rows (the dbias partial). part_r [nsplit][NH][DH][4DH], part_b [nsplit][NH][4DH].
-/// Rows are visited in ascending order by one fixed thread per output, so the result is deterministic. The next
-/// stage's global loads are issued into registers before the current stage's products.
+/// part_b[sp][h][g*DH + j] = sum of dg[r][g*H + h*DH + j] over the rows r of split sp = blockIdx.y, in ascending
+/// row order. One thread per dwx column c = blockIdx.x * kBiasThreads + threadIdx.x < 4H, so a warp reads one
+/// contiguous piece of a row; eight rows are loaded before they are added (in order) to keep loads in flight.
 template <class T>
-__global__ void __launch_bounds__(256) slstm_dr_partial_kernel(T* part_r, T* part_b, const T* saved, const T* dg, int B,
-                                                               int S, int NH, int DH, int rows_per_split) {
-  __shared__ __align__(16) T As[kTileR][kTile];
-  __shared__ __align__(16) T Bs[kTileR][kTile];
-  constexpr int kPer = kTileR * kTile / 256;  // rows each thread stages per tile
-  const int G = 4 * DH, H = NH * DH;
-  const int h = blockIdx.z % NH, sp = blockIdx.z / NH;
-  const int k0 = blockIdx.y * kTile, q0 = blockIdx.x * kTile;
-  const int rows = B * S;  // < 2^31 (checked on the host)
-  const int r_begin = sp * rows_per_split;
-  const int r_end = r_begin + rows_per_split < rows ? r_begin + rows_per_split : rows;
-  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-  const bool do_r = part_r != nullptr, do_b = part_b != nullptr && blockIdx.y == 0;
-  // Staging: thread stages column cc of rows rbase + 4i; its column offsets are computed once.
-  const int cc = tid & (kTile - 1), rbase = tid / kTile;
-  const int k = k0 + cc, q = q0 + cc;
-  const bool k_ok = do_r && k < DH, q_ok = q < G;
-  const int g = q_ok ? q / DH : 0;
-  const index_t a_off = static_cast<index_t>(kY) * H + h * DH + (k_ok ? k : 0);
-  const index_t b_off = static_cast<index_t>(g) * H + h * DH + (q_ok ? q - g * DH : 0);
-  T pa[kPer], pb[kPer];
-  auto fetch = [&](int r0) {
+__global__ void __launch_bounds__(kBiasThreads) slstm_dbias_partial_kernel(T* part_b, const T* dg, index_t rows, int NH,
+                                                                           int DH, index_t rows_per_split) {
+  constexpr int kUnroll = 8;
+  const int H = NH * DH, C = 4 * H;
+  const int c = static_cast<int>(blockIdx.x) * kBiasThreads + static_cast<int>(threadIdx.x);
+  if (c >= C) return;
+  const index_t r_begin = static_cast<index_t>(blockIdx.y) * rows_per_split;
+  const index_t r_end = r_begin + rows_per_split < rows ? r_begin + rows_per_split : rows;
+  const T* col = dg + c;
+  T sum = T(0);
+  index_t r = r_begin;
+  for (; r + kUnroll <= r_end; r += kUnroll) {
+    T v[kUnroll];
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int r = r0 + rbase + 4 * i;
-      const bool in = r < r_end;
-      pa[i] = k_ok && in && r % S != 0 ? saved[static_cast<index_t>(r - 1) * kSlots * H + a_off] : T(0);  // y_{-1} = 0
-      pb[i] = q_ok && in ? dg[static_cast<index_t>(r) * 4 * H + b_off] : T(0);
-    }
-  };
-  T acc[4][4] = {};
-  T bsum = T(0);
-  if (r_begin < r_end) fetch(r_begin);
-  for (int r0 = r_begin; r0 < r_end; r0 += kTileR) {
+    for (int u = 0; u < kUnroll; ++u) v[u] = col[(r + u) * C];
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      As[rbase + 4 * i][cc] = pa[i];
-      Bs[rbase + 4 * i][cc] = pb[i];
-    }
-    __syncthreads();
-    if (r0 + kTileR < r_end) fetch(r0 + kTileR);
-    if (do_r) {
-#pragma unroll
-      for (int rr = 0; rr < kTileR; ++rr) {
-        T av[4], bv[4];
-        lds4(&As[rr][ty * 4], av);
-        lds4(&Bs[rr][tx * 4], bv);
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int jj = 0; jj < 4; ++jj) acc[i][jj] = fma(av[i], bv[jj], acc[i][jj]);
-      }
-    }
-    if (do_b && tid < kTile) {
-#pragma unroll
-      for (int rr = 0; rr < kTileR; ++rr) bsum += Bs[rr][tid];
-    }
-    __syncthreads();
+    for (int u = 0; u < kUnroll; ++u) sum += v[u];
   }
-  if (do_r) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int kk = k0 + ty * 4 + i;
-      if (kk >= DH) continue;
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        const int qq = q0 + tx * 4 + jj;
-        if (qq < G) part_r[((static_cast<index_t>(sp) * NH + h) * DH + kk) * G + qq] = acc[i][jj];
-      }
-    }
-  }
-  if (do_b && tid < kTile && q0 + tid < G) part_b[(static_cast<index_t>(sp) * NH + h) * G + q0 + tid] = bsum;
+  for (; r < r_end; ++r) sum += col[r * C];
+  const int g = c / H, hj = c - g * H, h = hj / DH, j = hj - h * DH;
+  part_b[(static_cast<index_t>(blockIdx.y) * NH + h) * (4 * DH) + g * DH + j] = sum;
 }
 
 /// out[e] += sum_{s = 0..nsplit-1} part[s][e], splits in ascending order (deterministic).
@@ -1000,13 +958,11 @@ void launch_backward(const BwdArgs<T>& a, const SLSTMCudaTuning& tune, cudaStrea
   launch_plan<true, T>(a, choose_plan<T>(true, a.B, a.NH, a.DH, tune), st);
 }
 
-/// Row splits of the dR / dbias reduction: a function of the shape alone (not of the device), so results are
-/// the same on every GPU. ~1024 rows per split, at most 64 splits, rows per split a multiple of kTileR.
-inline void reduction_splits(index_t rows, int& nsplit, int& rows_per_split) {
-  const index_t want = std::min<index_t>(64, std::max<index_t>(1, (rows + 1023) / 1024));
-  index_t rps = (rows + want - 1) / want;
-  rps = (rps + kTileR - 1) / kTileR * kTileR;
-  rows_per_split = static_cast<int>(std::max<index_t>(rps, kTileR));
+/// Row splits of the dbias reduction: a function of the shape alone (not of the device), so dbias is the same on
+/// every GPU. About kBiasSplitRows rows per split, at most kBiasMaxSplits splits, none empty.
+inline void dbias_splits(index_t rows, int& nsplit, index_t& rows_per_split) {
+  const index_t want = std::min(kBiasMaxSplits, std::max<index_t>(1, (rows + kBiasSplitRows - 1) / kBiasSplitRows));
+  rows_per_split = std::max<index_t>(1, (rows + want - 1) / want);
   nsplit = static_cast<int>(std::max<index_t>(1, (rows + rows_per_split - 1) / rows_per_split));
 }
 
@@ -1063,24 +1019,30 @@ class SLSTMCell<T, cuda> {
     cudaStream_t st = cuda_backend::current_stream();
     sd::BwdArgs<T> a{dwx, saved_.data(), dy, R, int_dim(B), int_dim(S), int_dim(nh_), int_dim(dh_)};
     sd::launch_backward(a, tune_, st);
-    if (!dR && !dbias) return;
-    const int NH = int_dim(nh_), DH = int_dim(dh_), G = 4 * DH;
-    int nsplit = 1, rps = sd::kTileR;
-    sd::reduction_splits(int_dim(B * S), nsplit, rps);
-    const index_t nr = static_cast<index_t>(NH) * DH * G, nb = static_cast<index_t>(NH) * G;
-    if (dR && part_r_.size() != nsplit * nr) part_r_.resize(nsplit * nr);
-    if (dbias && part_b_.size() != nsplit * nb) part_b_.resize(nsplit * nb);
-    const dim3 grid((G + sd::kTile - 1) / sd::kTile, dR ? (DH + sd::kTile - 1) / sd::kTile : 1, NH * nsplit);
-    sd::slstm_dr_partial_kernel<T><<<grid, 256, 0, st>>>(dR ? part_r_.data() : nullptr,
-                                                         dbias ? part_b_.data() : nullptr, saved_.data(), dwx,
-                                                         int_dim(B), int_dim(S), NH, DH, rps);
-    DISTILX_CUDA_LAUNCH_CHECK();
     if (dR) {
-      sd::slstm_accumulate_splits_kernel<T>
-          <<<static_cast<unsigned>((nr + 255) / 256), 256, 0, st>>>(dR, part_r_.data(), nr, nsplit);
-      DISTILX_CUDA_LAUNCH_CHECK();
+      // dR[h][k][g*DH + j] += sum over rows r = (b, t) of y_{t-1}[r][h*DH + k] * dg[r][g*H + h*DH + j]: for each
+      // gate g one product op(A) B = [DH x B*S] [B*S x DH] per head, batched over the heads. A is the kYPrev slot
+      // of saved_, [B*S, H] with row pitch kSlots*H (head h at column h*DH), transposed; B is gate g's block of
+      // dwx, [B*S, H] with row pitch 4H; C is dR's column block g of head h, [DH, DH] with row pitch 4DH and head
+      // stride DH*4DH. beta = 1 accumulates. Rows t = 0 hold y_{-1} = 0, so the sequence starts need no care.
+      // Same stream as the recurrence above (current_stream), which wrote dwx; math as ops::gemm (math_mode()).
+      const index_t H = hidden_size(), G = 4 * dh_, rows = B * S;
+      for (index_t g = 0; g < 4; ++g)
+        ops::gemm_strided_batched(cuda{}, ops::Trans::yes, ops::Trans::no, dh_, dh_, rows, T(1),
+                                  saved_.data() + sd::kYPrev * H, sd::kSlots * H, dh_, dwx + g * H, 4 * H, dh_, T(1),
+                                  dR + g * dh_, G, dh_ * G, nh_);
     }
     if (dbias) {
+      const int NH = int_dim(nh_), DH = int_dim(dh_);
+      const index_t rows = B * S, nb = static_cast<index_t>(NH) * 4 * DH;
+      int nsplit = 1;
+      index_t rps = 1;
+      sd::dbias_splits(rows, nsplit, rps);
+      if (part_b_.size() != nsplit * nb) part_b_.resize(nsplit * nb);
+      const dim3 grid(static_cast<unsigned>((4 * hidden_size() + sd::kBiasThreads - 1) / sd::kBiasThreads),
+                      static_cast<unsigned>(nsplit));
+      sd::slstm_dbias_partial_kernel<T><<<grid, sd::kBiasThreads, 0, st>>>(part_b_.data(), dwx, rows, NH, DH, rps);
+      DISTILX_CUDA_LAUNCH_CHECK();
       sd::slstm_accumulate_splits_kernel<T>
           <<<static_cast<unsigned>((nb + 255) / 256), 256, 0, st>>>(dbias, part_b_.data(), nb, nsplit);
       DISTILX_CUDA_LAUNCH_CHECK();
@@ -1109,7 +1071,6 @@ class SLSTMCell<T, cuda> {
   bool has_saved_ = false;
   SLSTMCudaTuning tune_;
   Buffer<T, cuda> saved_;   // [B, S, kSlots, H]
-  Buffer<T, cuda> part_r_;  // [nsplit, NH, DH, 4DH]: dR split partials
   Buffer<T, cuda> part_b_;  // [nsplit, NH, 4DH]: dbias split partials
 };
 
