@@ -278,8 +278,14 @@ BOOST_AUTO_TEST_CASE(fused_projections_match_cpu) {
         MathModeScope scope(mode);
         Buffer<float, distilx::cuda> gq(M * nq), gk(M * nkv), gv(M * nkv), gy(M * d), gg(M * F), gu(M * F);
         gy.copy_from_host(res.data(), M * d);
+        auto& lt = cb::detail::LtBiasGemm::for_this_thread();
+        const std::uint64_t lt0 = lt.runs();
         ops::qkv_forward(distilx::cuda{}, gq.data(), gk.data(), gv.data(), dx.data(), dwq.data(), dbias(dbq),
                          dwk.data(), dbias(dbk), dwv.data(), dbias(dbv), M, d, nq, nkv);
+        // In 16-bit modes the q, k, v biases ride in the products' epilogue (cuBLASLt): three products.
+        BOOST_TEST(lt.runs() - lt0 == (biases && mode != cb::MathMode::fp32 ? 3u : 0u),
+                   cb::to_string(mode) << (biases ? " with" : " without") << " biases: " << lt.runs() - lt0
+                                       << " products with the bias epilogue");
         ops::gated_mlp_forward<ops::Silu>(distilx::cuda{}, gy.data(), dx.data(), dwg.data(), dbias(dbg), dwu.data(),
                                           dbias(dbu), dwd.data(), M, d, F, gg.data(), gu.data());
         const double tol = mode == cb::MathMode::fp32 ? 1e-5 : 2e-2;

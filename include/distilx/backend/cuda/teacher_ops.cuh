@@ -30,6 +30,7 @@
 // products run the CPU op's sequence.
 #pragma once
 
+#include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -38,7 +39,9 @@
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <map>
 #include <mutex>
+#include <tuple>
 #include <type_traits>
 
 #include "distilx/backend/cuda/blas.cuh"
@@ -709,6 +712,99 @@ inline void half_gemm_nt(index_t M, index_t N, index_t K, const HalfOperand& a, 
   DISTILX_CUBLAS_CHECK(cublasGemmEx_64(cublas_handle(true), CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, w.p, t16, w.ld,
                                        a.p, t16, a.ld, &beta, y, ty, ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
+/// y[M, N] (fp32, row pitch ldy) = a[M, K] w[N, K]^T + b[N] for 16-bit a and w, the bias added in
+/// the product's epilogue (cuBLASLt), so y is written once instead of written and then read and
+/// written again by a bias pass. A plan (descriptors and the heuristic's algorithm) is kept per
+/// shape and thread; the workspace is per-thread, per-stream scratch. Returns false, doing
+/// nothing, when cuBLASLt offers no algorithm for the shape (the caller adds the bias itself).
+class LtBiasGemm {
+ public:
+  LtBiasGemm(const LtBiasGemm&) = delete;
+  LtBiasGemm& operator=(const LtBiasGemm&) = delete;
+  static LtBiasGemm& for_this_thread() {
+    thread_local LtBiasGemm g;
+    return g;
+  }
+  bool run(index_t M, index_t N, index_t K, const HalfOperand& a, const HalfOperand& w, cudaDataType_t t16,
+           const float* bias, float* y, index_t ldy) {
+    Plan& p = plan(M, N, K, a.ld, w.ld, ldy, t16);
+    if (!p.found) return false;
+    DISTILX_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+    ++runs_;
+    void* ws = p.ws_bytes ? ws_.get(0, p.ws_bytes) : nullptr;
+    const float alpha = 1.0f, beta = 0.0f;
+    // Column-major view, as half_gemm_nt: y^T [N, M] = (w stored [K, N])^T (a stored [K, M]).
+    DISTILX_CUBLAS_CHECK(cublasLtMatmul(handle(), p.op, &alpha, w.p, p.A, a.p, p.B, &beta, y, p.C, y, p.C, &p.algo, ws,
+                                        p.ws_bytes, current_stream()));
+    return true;
+  }
+  /// Products this thread ran with the bias in the epilogue (tests check the path with it).
+  std::uint64_t runs() const { return runs_; }
+
+ private:
+  struct Plan {
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t A = nullptr, B = nullptr, C = nullptr;
+    cublasLtMatmulAlgo_t algo{};
+    std::size_t ws_bytes = 0;
+    bool found = false;
+  };
+  static constexpr std::size_t kMaxWorkspace = std::size_t(32) << 20;
+  LtBiasGemm() = default;
+  ~LtBiasGemm() {  // at thread exit: errors ignored
+    for (auto& kv : plans_) {
+      Plan& p = kv.second;
+      if (p.A) (void)cublasLtMatrixLayoutDestroy(p.A);
+      if (p.B) (void)cublasLtMatrixLayoutDestroy(p.B);
+      if (p.C) (void)cublasLtMatrixLayoutDestroy(p.C);
+      if (p.op) (void)cublasLtMatmulDescDestroy(p.op);
+    }
+    if (lt_) (void)cublasLtDestroy(lt_);
+  }
+  cublasLtHandle_t handle() {
+    if (!lt_) DISTILX_CUBLAS_CHECK(cublasLtCreate(&lt_));
+    return lt_;
+  }
+  Plan& plan(index_t M, index_t N, index_t K, index_t lda, index_t ldw, index_t ldy, cudaDataType_t t16) {
+    const auto key = std::make_tuple(M, N, K, lda, ldw, ldy, static_cast<int>(t16));
+    auto it = plans_.find(key);
+    if (it != plans_.end()) return it->second;
+    Plan& p = plans_[key];
+    DISTILX_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+    const cudaDataType_t bias_type = CUDA_R_32F;
+    DISTILX_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+    DISTILX_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+    DISTILX_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
+    DISTILX_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof(bias_type)));
+    DISTILX_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.A, t16, static_cast<std::uint64_t>(K), static_cast<std::uint64_t>(N), ldw));
+    DISTILX_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.B, t16, static_cast<std::uint64_t>(K), static_cast<std::uint64_t>(M), lda));
+    DISTILX_CUBLAS_CHECK(
+        cublasLtMatrixLayoutCreate(&p.C, CUDA_R_32F, static_cast<std::uint64_t>(N), static_cast<std::uint64_t>(M), ldy));
+    cublasLtMatmulPreference_t pref = nullptr;
+    DISTILX_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    const std::size_t ws = kMaxWorkspace;
+    DISTILX_CUBLAS_CHECK(
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    cublasLtMatmulHeuristicResult_t res{};
+    int found = 0;
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle(), p.op, p.A, p.B, p.C, p.C, pref, 1, &res, &found);
+    (void)cublasLtMatmulPreferenceDestroy(pref);
+    if (st == CUBLAS_STATUS_SUCCESS && found > 0 && res.state == CUBLAS_STATUS_SUCCESS) {
+      p.algo = res.algo;
+      p.ws_bytes = res.workspaceSize;
+      p.found = true;
+    }
+    return p;
+  }
+  cublasLtHandle_t lt_ = nullptr;
+  std::map<std::tuple<index_t, index_t, index_t, index_t, index_t, index_t, int>, Plan> plans_;
+  SlotScratch<1> ws_;
+  std::uint64_t runs_ = 0;
+};
+
 /// Whether a layer's projections of M rows from width d to the given output widths take the
 /// 16-bit path: a half math mode and no thin product (all of M, d and the widths above kThinDim).
 inline bool fused_half_path(MathMode mode, index_t M, index_t d, std::initializer_list<index_t> widths) {
@@ -740,6 +836,7 @@ void qkv_forward(cuda be, T* q, T* k, T* v, const T* x, const T* wq, const T* bq
       const index_t ns[3] = {nq, nkv, nkv};
       for (int i = 0; i < 3; ++i) {
         const cd::HalfOperand w = cd::half_operand(cd::Operand{ws[i], ns[i], d, d, 0, 1}, mode, 1);
+        if (bs[i] && cd::LtBiasGemm::for_this_thread().run(M, ns[i], d, a, w, t16, bs[i], ys[i], ns[i])) continue;
         cd::half_gemm_nt(M, ns[i], d, a, w, t16, 0.0f, ys[i], CUDA_R_32F, ns[i]);
         if (bs[i]) add_row_vector(be, ys[i], bs[i], M, ns[i]);
       }
