@@ -178,27 +178,42 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(linear_forward_backward, T, Scalars) {
 
 BOOST_AUTO_TEST_CASE_TEMPLATE(headwise_forward_backward, T, Scalars) {
   Rng rng(5);
-  const index_t M = 33, P = 4, I = 8, O = 6;
-  for (bool wide : {false, true}) {
-    // Wide rows: read from / write into the middle of larger rows via ldx / ldy.
-    const index_t ldx = wide ? P * I + 5 : P * I, ldy = wide ? P * O + 3 : P * O;
-    const index_t lx = wide ? ldx : -1, ly = wide ? ldy : -1;
-    auto x = randv<T>(M * ldx, rng), W = randv<T>(P * O * I, rng), y = randv<T>(M * ldy, rng);
-    auto dy = randv<T>(M * ldy, rng);
-    Dev<T> dxv(x), dWv(W), dyv(y), ddy(dy);
-    ops::headwise_forward(cpu{}, y.data(), x.data(), W.data(), M, P, I, O, ly, lx);
-    ops::headwise_forward(distilx::cuda{}, dyv.p(), dxv.p(), dWv.p(), M, P, I, O, ly, lx);
-    const std::string tag = wide ? " (ldx, ldy)" : "";
-    expect_close("headwise_forward" + tag, dyv, y);
-    for (bool acc : {false, true}) {
-      auto gx = randv<T>(M * ldx, rng), gW = randv<T>(P * O * I, rng);
-      Dev<T> dgx(gx), dgW(gW);
-      ops::headwise_backward(cpu{}, gx.data(), gW.data(), dy.data(), x.data(), W.data(), M, P, I, O, acc, ly, lx);
-      ops::headwise_backward(distilx::cuda{}, dgx.p(), dgW.p(), ddy.p(), dxv.p(), dWv.p(), M, P, I, O, acc, ly, lx);
-      expect_close("headwise_backward dx" + tag + (acc ? " (accumulate)" : ""), dgx, gx);
-      expect_close("headwise_backward dW (+=)" + tag, dgW, gW);
+  // Blocks of at most 32 take the split-over-rows dW kernel: {33, 4, 8, 6} in one row chunk
+  // (adds into dW directly), {1000, 6, 32, 32} over several chunks with a partial last tile,
+  // {515, 3, 20, 12} with padded lanes. {77, 3, 40, 33} is wider and stays on cuBLAS.
+  struct Shape {
+    index_t M, P, I, O;
+  };
+  for (const Shape sh : {Shape{33, 4, 8, 6}, Shape{1000, 6, 32, 32}, Shape{515, 3, 20, 12}, Shape{77, 3, 40, 33}})
+    for (bool wide : {false, true}) {
+      const index_t M = sh.M, P = sh.P, I = sh.I, O = sh.O;
+      // Wide rows: read from / write into the middle of larger rows via ldx / ldy.
+      const index_t ldx = wide ? P * I + 5 : P * I, ldy = wide ? P * O + 3 : P * O;
+      const index_t lx = wide ? ldx : -1, ly = wide ? ldy : -1;
+      auto x = randv<T>(M * ldx, rng), W = randv<T>(P * O * I, rng), y = randv<T>(M * ldy, rng);
+      auto dy = randv<T>(M * ldy, rng);
+      Dev<T> dxv(x), dWv(W), dyv(y), ddy(dy);
+      ops::headwise_forward(cpu{}, y.data(), x.data(), W.data(), M, P, I, O, ly, lx);
+      ops::headwise_forward(distilx::cuda{}, dyv.p(), dxv.p(), dWv.p(), M, P, I, O, ly, lx);
+      const std::string tag = " M" + std::to_string(M) + " P" + std::to_string(P) + " I" + std::to_string(I) + " O" +
+                              std::to_string(O) + (wide ? " (ldx, ldy)" : "");
+      expect_close("headwise_forward" + tag, dyv, y);
+      for (bool acc : {false, true}) {
+        const auto gx0 = randv<T>(M * ldx, rng), gW0 = randv<T>(P * O * I, rng);
+        auto gx = gx0, gW = gW0;
+        Dev<T> dgx(gx0), dgW(gW0);
+        ops::headwise_backward(cpu{}, gx.data(), gW.data(), dy.data(), x.data(), W.data(), M, P, I, O, acc, ly, lx);
+        ops::headwise_backward(distilx::cuda{}, dgx.p(), dgW.p(), ddy.p(), dxv.p(), dWv.p(), M, P, I, O, acc, ly, lx);
+        expect_close("headwise_backward dx" + tag + (acc ? " (accumulate)" : ""), dgx, gx);
+        expect_close("headwise_backward dW (+=)" + tag, dgW, gW);
+        // dW alone from the same starting gradient: bit-identical to the first run.
+        const auto hW = dgW.host();
+        dgW.set(gW0);
+        ops::headwise_backward(distilx::cuda{}, static_cast<T*>(nullptr), dgW.p(), ddy.p(), dxv.p(), dWv.p(), M, P, I, O,
+                               false, ly, lx);
+        expect_identical("headwise_backward dW rerun" + tag, dgW.host(), hW);
+      }
     }
-  }
 }
 
 BOOST_AUTO_TEST_CASE_TEMPLATE(lm_head_forward_backward, T, Scalars) {
@@ -223,8 +238,8 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(lm_head_forward_backward, T, Scalars) {
 BOOST_AUTO_TEST_CASE_TEMPLATE(conv1d_forward_backward_step, T, Scalars) {
   Rng rng(7);
   const index_t B = 3, S = 301, F = 19, K = 4;  // B*S rows span several reduction chunks
-  auto x = randv<T>(B * S * F, rng), W = randv<T>(F * K, rng), b = randv<T>(F, rng), dy = randv<T>(B * S * F, rng);
-  Dev<T> dxv(x), dWv(W), dbv(b), ddy(dy);
+  auto x = randv<T>(B * S * F, rng), W = randv<T>(F * K, rng), b = randv<T>(F, rng);
+  Dev<T> dxv(x), dWv(W), dbv(b);
   for (bool bias : {false, true}) {
     std::vector<T> y(static_cast<std::size_t>(B * S * F));
     Dev<T> dyv(y);
@@ -232,24 +247,47 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(conv1d_forward_backward_step, T, Scalars) {
     ops::causal_conv1d_forward(distilx::cuda{}, dyv.p(), dxv.p(), dWv.p(), bias ? dbv.p() : nullptr, B, S, F, K);
     expect_close(bias ? "causal_conv1d_forward (bias)" : "causal_conv1d_forward", dyv, y);
   }
-  for (bool acc : {false, true}) {
-    const auto gx0 = randv<T>(B * S * F, rng), gW0 = randv<T>(F * K, rng), gb0 = randv<T>(F, rng);
-    auto gx = gx0, gW = gW0, gb = gb0;
-    Dev<T> dgx(gx0), dgW(gW0), dgb(gb0);
-    ops::causal_conv1d_backward(cpu{}, gx.data(), gW.data(), gb.data(), dy.data(), x.data(), W.data(), B, S, F, K,
-                                acc);
-    ops::causal_conv1d_backward(distilx::cuda{}, dgx.p(), dgW.p(), dgb.p(), ddy.p(), dxv.p(), dWv.p(), B, S, F, K, acc);
-    expect_close(std::string("causal_conv1d_backward dx") + (acc ? " (accumulate)" : ""), dgx, gx);
-    expect_close("causal_conv1d_backward dW (+=)", dgW, gW);
-    expect_close("causal_conv1d_backward db (+=)", dgb, gb);
-    const auto hW = dgW.host(), hb = dgb.host();
-    dgW.set(gW0);
-    dgb.set(gb0);
-    ops::causal_conv1d_backward(distilx::cuda{}, static_cast<T*>(nullptr), dgW.p(), dgb.p(), ddy.p(), dxv.p(), dWv.p(), B, S,
-                                F, K);
-    expect_identical("causal_conv1d_backward dW rerun", dgW.host(), hW);
-    expect_identical("causal_conv1d_backward db rerun", dgb.host(), hb);
-  }
+  // Backward. K <= 4 takes the dedicated dW/db kernel: F = 19 with scalar loads, F = 24 with
+  // 16-byte loads; sequences (S = 301, 77, 3) start inside row chunks and chunks start inside
+  // sequences, S = 3 < K - 1 clips every window. K = 5 takes the generic column reduction.
+  struct Shape {
+    index_t B, S, F, K;
+  };
+  for (const Shape sh : {Shape{B, S, F, K}, Shape{3, 301, 24, 4}, Shape{4, 77, 8, 3}, Shape{5, 3, 8, 4},
+                         Shape{2, 150, 12, 1}, Shape{2, 150, 12, 5}})
+    for (bool acc : {false, true}) {
+      const index_t Bb = sh.B, Sb = sh.S, Fb = sh.F, Kb = sh.K, n = Bb * Sb * Fb;
+      const std::string tag = " B" + std::to_string(Bb) + " S" + std::to_string(Sb) + " F" + std::to_string(Fb) +
+                              " K" + std::to_string(Kb);
+      const auto xb = randv<T>(n, rng), Wb = randv<T>(Fb * Kb, rng), dyb = randv<T>(n, rng);
+      Dev<T> dxb(xb), dWb(Wb), ddyb(dyb);
+      const auto gx0 = randv<T>(n, rng), gW0 = randv<T>(Fb * Kb, rng), gb0 = randv<T>(Fb, rng);
+      auto gx = gx0, gW = gW0, gb = gb0;
+      Dev<T> dgx(gx0), dgW(gW0), dgb(gb0);
+      ops::causal_conv1d_backward(cpu{}, gx.data(), gW.data(), gb.data(), dyb.data(), xb.data(), Wb.data(), Bb, Sb, Fb,
+                                  Kb, acc);
+      ops::causal_conv1d_backward(distilx::cuda{}, dgx.p(), dgW.p(), dgb.p(), ddyb.p(), dxb.p(), dWb.p(), Bb, Sb, Fb,
+                                  Kb, acc);
+      expect_close("causal_conv1d_backward dx" + tag + (acc ? " (accumulate)" : ""), dgx, gx);
+      expect_close("causal_conv1d_backward dW (+=)" + tag, dgW, gW);
+      expect_close("causal_conv1d_backward db (+=)" + tag, dgb, gb);
+      const auto hW = dgW.host(), hb = dgb.host();
+      dgW.set(gW0);
+      dgb.set(gb0);
+      ops::causal_conv1d_backward(distilx::cuda{}, static_cast<T*>(nullptr), dgW.p(), dgb.p(), ddyb.p(), dxb.p(),
+                                  dWb.p(), Bb, Sb, Fb, Kb);
+      expect_identical("causal_conv1d_backward dW rerun" + tag, dgW.host(), hW);
+      expect_identical("causal_conv1d_backward db rerun" + tag, dgb.host(), hb);
+      // dW without db, and db without dW (the generic path), from the same start.
+      dgW.set(gW0);
+      dgb.set(gb0);
+      ops::causal_conv1d_backward(distilx::cuda{}, static_cast<T*>(nullptr), dgW.p(), static_cast<T*>(nullptr),
+                                  ddyb.p(), dxb.p(), dWb.p(), Bb, Sb, Fb, Kb);
+      ops::causal_conv1d_backward(distilx::cuda{}, static_cast<T*>(nullptr), static_cast<T*>(nullptr), dgb.p(),
+                                  ddyb.p(), static_cast<T*>(nullptr), dWb.p(), Bb, Sb, Fb, Kb);
+      expect_close("causal_conv1d_backward dW only" + tag, dgW, gW);
+      expect_close("causal_conv1d_backward db only" + tag, dgb, gb);
+    }
   // Generation steps: y and the rolling window after each step.
   const index_t Bs = 2;
   std::vector<T> buf(static_cast<std::size_t>(Bs * K * F), T(0)), ys(static_cast<std::size_t>(Bs * F));

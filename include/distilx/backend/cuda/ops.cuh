@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <type_traits>
 #include <vector>
@@ -256,6 +257,297 @@ __global__ void conv1d_step_kernel(T* y, T* buf, const T* x, const T* W, const T
   }
 }
 
+// ---- small fixed-shape helpers for the fast reductions ------------------------------------
+
+/// V consecutive elements moved as one aligned access (16 bytes for float x 4 or double x 2).
+template <class T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+template <class T, int V>
+__device__ inline Pack<T, V> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+/// Elements per 16-byte access, or 1 when a row stride or a base pointer is not 16-byte aligned.
+template <class T>
+inline int pack_width(index_t ld, std::initializer_list<const void*> ptrs) {
+  constexpr int w = static_cast<int>(16 / sizeof(T));
+  if (ld % w != 0) return 1;
+  for (const void* p : ptrs)
+    if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) return 1;
+  return w;
+}
+
+constexpr int kSumLanes = 8;  // chunk lanes per column in chunk_sum_add_kernel
+
+/// out[c] += sum over k < chunks of partial[k * cols + c]. A block takes 32 columns; lane y sums
+/// chunks y, y + 8, ..., then lane 0 adds the 8 lane sums in order: a fixed order for given shapes.
+template <class T>
+__global__ void chunk_sum_add_kernel(T* out, const T* partial, index_t chunks, index_t cols) {
+  __shared__ T sm[kSumLanes][kTileCols + 1];
+  const index_t c = blockIdx.x * static_cast<index_t>(kTileCols) + threadIdx.x;
+  T s = T(0);
+  if (c < cols)
+    for (index_t k = threadIdx.y; k < chunks; k += kSumLanes) s += partial[k * cols + c];
+  sm[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    T t = sm[0][threadIdx.x];
+    for (int k = 1; k < kSumLanes; ++k) t += sm[k][threadIdx.x];
+    out[c] += t;
+  }
+}
+template <class T>
+void chunk_sum_add(T* out, const T* partial, index_t chunks, index_t cols) {
+  if (cols <= 0) return;
+  const dim3 grid(static_cast<unsigned>((cols + kTileCols - 1) / kTileCols));
+  chunk_sum_add_kernel<<<grid, dim3(kTileCols, kSumLanes), 0, stream()>>>(out, partial, chunks, cols);
+  DISTILX_CUDA_LAUNCH_CHECK();
+}
+
+// ---- causal conv1d weight and bias gradients ----------------------------------------------
+// dW[f, j] += sum_r dy[r, f] x[r - (K-1-j), f] (within the row's sequence), db[f] += sum_r dy[r, f].
+// Thread g of row chunk c owns features g*V .. g*V+V-1 over the chunk's rows: it reads each dy
+// and x element once (V-wide loads, consecutive threads on consecutive features), keeps the
+// previous K-1 x rows in registers, and updates all K taps and the bias at once. Each chunk
+// writes its own partial sums; chunk_sum_add then adds them in chunk order.
+
+constexpr int kConvDwThreads = 128;
+constexpr int kConvDwUnroll = 4;  // rows loaded before they are used, to keep loads in flight
+
+template <class T, int V, int K>
+__global__ void __launch_bounds__(kConvDwThreads)
+    conv1d_dw_partial_kernel(T* __restrict__ pw, T* __restrict__ pb, const T* __restrict__ dy,
+                             const T* __restrict__ x, index_t rows, index_t S, index_t F, index_t chunk) {
+  const index_t f0 = (blockIdx.x * static_cast<index_t>(kConvDwThreads) + threadIdx.x) * V;
+  if (f0 >= F) return;  // V divides F (host check), so f0 < F means all V features exist
+  const index_t r0 = blockIdx.y * chunk;
+  const index_t r1 = r0 + chunk < rows ? r0 + chunk : rows;
+  constexpr int H = K > 1 ? K - 1 : 1;
+  T hist[H][V];  // hist[l - 1] = x of row r - l, zero where that row is before the sequence start
+  index_t t = r0 % S;  // position of row r0 in its sequence
+#pragma unroll
+  for (int l = 1; l < K; ++l) {
+    if (t >= l) {
+      const Pack<T, V> h = load_pack<T, V>(x + (r0 - l) * F + f0);
+#pragma unroll
+      for (int v = 0; v < V; ++v) hist[l - 1][v] = h.v[v];
+    } else {
+#pragma unroll
+      for (int v = 0; v < V; ++v) hist[l - 1][v] = T(0);
+    }
+  }
+  T aw[K][V], ab[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    ab[v] = T(0);
+#pragma unroll
+    for (int j = 0; j < K; ++j) aw[j][v] = T(0);
+  }
+  for (index_t r = r0; r < r1; r += kConvDwUnroll) {
+    Pack<T, V> d[kConvDwUnroll], c[kConvDwUnroll];
+#pragma unroll
+    for (int u = 0; u < kConvDwUnroll; ++u)
+      if (r + u < r1) {
+        d[u] = load_pack<T, V>(dy + (r + u) * F + f0);
+        c[u] = load_pack<T, V>(x + (r + u) * F + f0);
+      }
+#pragma unroll
+    for (int u = 0; u < kConvDwUnroll; ++u)
+      if (r + u < r1) {
+        if (t == 0) {  // a new sequence: nothing before it
+#pragma unroll
+          for (int l = 0; l < H; ++l)
+#pragma unroll
+            for (int v = 0; v < V; ++v) hist[l][v] = T(0);
+        }
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const T g = d[u].v[v];
+          ab[v] += g;
+          aw[K - 1][v] += g * c[u].v[v];
+#pragma unroll
+          for (int l = 1; l < K; ++l) aw[K - 1 - l][v] += g * hist[l - 1][v];
+        }
+#pragma unroll
+        for (int l = H - 1; l > 0; --l)
+#pragma unroll
+          for (int v = 0; v < V; ++v) hist[l][v] = hist[l - 1][v];
+        if constexpr (K > 1) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) hist[0][v] = c[u].v[v];
+        }
+        if (++t == S) t = 0;
+      }
+  }
+  T* w = pw + blockIdx.y * F * K + f0 * K;  // this thread's V*K consecutive dW entries
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+#pragma unroll
+    for (int j = 0; j < K; ++j) w[v * K + j] = aw[j][v];
+    pb[blockIdx.y * F + f0 + v] = ab[v];
+  }
+}
+
+template <class T, int V, int K>
+void conv1d_dw_launch(T* pw, T* pb, const T* dy, const T* x, index_t rows, index_t S, index_t F, index_t chunk,
+                      index_t chunks) {
+  const index_t groups = F / V;
+  const dim3 grid(static_cast<unsigned>((groups + kConvDwThreads - 1) / kConvDwThreads), static_cast<unsigned>(chunks));
+  conv1d_dw_partial_kernel<T, V, K><<<grid, kConvDwThreads, 0, stream()>>>(pw, pb, dy, x, rows, S, F, chunk);
+  DISTILX_CUDA_LAUNCH_CHECK();
+}
+template <class T, int V>
+bool conv1d_dw_dispatch_k(T* pw, T* pb, const T* dy, const T* x, index_t rows, index_t S, index_t F, index_t K,
+                          index_t chunk, index_t chunks) {
+  switch (K) {
+    case 1: conv1d_dw_launch<T, V, 1>(pw, pb, dy, x, rows, S, F, chunk, chunks); return true;
+    case 2: conv1d_dw_launch<T, V, 2>(pw, pb, dy, x, rows, S, F, chunk, chunks); return true;
+    case 3: conv1d_dw_launch<T, V, 3>(pw, pb, dy, x, rows, S, F, chunk, chunks); return true;
+    case 4: conv1d_dw_launch<T, V, 4>(pw, pb, dy, x, rows, S, F, chunk, chunks); return true;
+    default: return false;
+  }
+}
+constexpr index_t kConvDwMaxK = 4;
+constexpr index_t kConvDwTargetThreads = index_t(1) << 15;  // best of 2^13..2^17 on an H100
+
+/// dW += and (if db) db += over B*S rows. K > kConvDwMaxK is left to the caller (returns false).
+template <class T>
+bool conv1d_dw_db(T* dW, T* db, const T* dy, const T* x, index_t B, index_t S, index_t F, index_t K) {
+  if (K < 1 || K > kConvDwMaxK) return false;
+  const index_t rows = B * S;
+  const int V = pack_width<T>(F, {dy, x});
+  const index_t groups = F / V;
+  // Rows per chunk from the shapes alone, so the summation order never depends on the device.
+  const index_t chunk = std::max({index_t(16), (rows * groups + kConvDwTargetThreads - 1) / kConvDwTargetThreads,
+                                  (rows + 65534) / 65535});  // gridDim.y <= 65535
+  const index_t chunks = (rows + chunk - 1) / chunk;
+  T* pw = scratch<T>(chunks * F * (K + 1));
+  T* pb = pw + chunks * F * K;
+  constexpr int W = static_cast<int>(16 / sizeof(T));
+  if (V == W) conv1d_dw_dispatch_k<T, W>(pw, pb, dy, x, rows, S, F, K, chunk, chunks);
+  else conv1d_dw_dispatch_k<T, 1>(pw, pb, dy, x, rows, S, F, K, chunk, chunks);
+  chunk_sum_add(dW, pw, chunks, F * K);
+  if (db) chunk_sum_add(db, pb, chunks, F);
+  return true;
+}
+
+// ---- headwise (block-diagonal) weight gradient for small blocks ---------------------------
+// dW[p, o, i] += sum_m dy[m, p*O + o] x[m, p*I + i] for I, O <= 32. cuBLAS runs one CTA per
+// block over all M rows; here block p is split into row chunks. A CTA (256 threads) takes one
+// (block, chunk) pair, stages 64-row tiles of dy and x through shared memory (register prefetch
+// of the next tile while this one is used), and four groups of 64 threads each take 16 rows
+// of the tile, every thread a 4x4 piece of the padded 32x32 product. The groups' sums are added
+// in order at the end; with one chunk the CTA adds into dW, else it writes the chunk's partial
+// and chunk_sum_add adds the chunks in order. Accumulation is in T (fp32 for float) in every
+// math mode.
+
+constexpr int kHwMax = 32;      // largest I and O of the small-block path
+constexpr int kHwRows = 64;     // rows per staged tile
+constexpr int kHwThreads = 256;
+constexpr int kHwGroups = kHwThreads / 64;
+constexpr int kHwLoads = kHwRows / (kHwThreads / 32);  // tile rows each thread stages
+constexpr index_t kHwTargetCtas = 1024;
+
+template <class T>
+__global__ void __launch_bounds__(kHwThreads)
+    headwise_dw_kernel(T* __restrict__ out, bool direct, const T* __restrict__ dy, index_t ldy,
+                       const T* __restrict__ x, index_t ldx, index_t M, index_t P, index_t I, index_t O,
+                       index_t chunk) {
+  // Staging: dy tile [64][32] then x tile [64][32] (zero-padded); later the groups' sums [4][32*32].
+  __shared__ alignas(4 * sizeof(T)) T sm[2 * kHwRows * kHwMax];
+  static_assert(2 * kHwRows * kHwMax == kHwGroups * kHwMax * kHwMax, "the group sums reuse the tile buffer");
+  T* sdy = sm;
+  T* sx = sm + kHwRows * kHwMax;
+  const int tid = threadIdx.x;
+  const int lane = tid % 32, wrow = tid / 32;  // staging: column lane of rows wrow + 8k
+  const int grp = tid / 64, q = tid % 64;
+  const int o0 = (q / 8) * 4, i0 = (q % 8) * 4;  // this thread's 4x4 piece
+  const index_t p = blockIdx.x;
+  const index_t m0 = blockIdx.y * chunk;
+  const index_t m1 = m0 + chunk < M ? m0 + chunk : M;
+  const T* dyp = dy + p * O;
+  const T* xp = x + p * I;
+
+  T acc[4][4];
+#pragma unroll
+  for (int a = 0; a < 4; ++a)
+#pragma unroll
+    for (int b = 0; b < 4; ++b) acc[a][b] = T(0);
+
+  T rd[kHwLoads], rx[kHwLoads];
+#pragma unroll
+  for (int k = 0; k < kHwLoads; ++k) {
+    const index_t m = m0 + wrow + 8 * k;
+    rd[k] = m < m1 && lane < O ? dyp[m * ldy + lane] : T(0);
+    rx[k] = m < m1 && lane < I ? xp[m * ldx + lane] : T(0);
+  }
+  for (index_t mt = m0; mt < m1; mt += kHwRows) {
+    __syncthreads();  // the previous tile is no longer read
+#pragma unroll
+    for (int k = 0; k < kHwLoads; ++k) {
+      sdy[(wrow + 8 * k) * kHwMax + lane] = rd[k];
+      sx[(wrow + 8 * k) * kHwMax + lane] = rx[k];
+    }
+    __syncthreads();
+    if (mt + kHwRows < m1) {  // prefetch the next tile
+#pragma unroll
+      for (int k = 0; k < kHwLoads; ++k) {
+        const index_t m = mt + kHwRows + wrow + 8 * k;
+        rd[k] = m < m1 && lane < O ? dyp[m * ldy + lane] : T(0);
+        rx[k] = m < m1 && lane < I ? xp[m * ldx + lane] : T(0);
+      }
+    }
+    const int rb = grp * (kHwRows / kHwGroups);
+#pragma unroll 4
+    for (int r = rb; r < rb + kHwRows / kHwGroups; ++r) {
+      const Pack<T, 4> a = load_pack<T, 4>(sdy + r * kHwMax + o0);
+      const Pack<T, 4> b = load_pack<T, 4>(sx + r * kHwMax + i0);
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int w = 0; w < 4; ++w) acc[u][w] += a.v[u] * b.v[w];
+    }
+  }
+  __syncthreads();
+  T* gsum = sm;  // [group][o * 32 + i]
+#pragma unroll
+  for (int u = 0; u < 4; ++u)
+#pragma unroll
+    for (int w = 0; w < 4; ++w) gsum[grp * kHwMax * kHwMax + (o0 + u) * kHwMax + i0 + w] = acc[u][w];
+  __syncthreads();
+  for (int e = tid; e < kHwMax * kHwMax; e += kHwThreads) {
+    const int o = e / kHwMax, i = e % kHwMax;
+    if (o >= O || i >= I) continue;
+    T s = gsum[e];
+    for (int g = 1; g < kHwGroups; ++g) s += gsum[g * kHwMax * kHwMax + e];
+    const index_t idx = (p * O + o) * I + i;
+    if (direct) out[idx] += s;
+    else out[blockIdx.y * P * O * I + idx] = s;
+  }
+}
+
+/// dW += per-block dy^T x through headwise_dw_kernel; false (nothing done) unless I, O <= 32.
+template <class T>
+bool headwise_dw_small(T* dW, const T* dy, index_t ldy, const T* x, index_t ldx, index_t M, index_t P, index_t I,
+                       index_t O) {
+  if (I > kHwMax || O > kHwMax) return false;
+  if (M <= 0 || P <= 0 || I <= 0 || O <= 0) return true;
+  // Chunks from the shapes alone (a fixed summation order): about kHwTargetCtas CTAs in all,
+  // whole tiles per chunk, at most one chunk per tile of rows.
+  const index_t tiles = (M + kHwRows - 1) / kHwRows;
+  const index_t want = std::clamp<index_t>((kHwTargetCtas + P - 1) / P, 1, tiles);
+  const index_t chunk = (tiles + want - 1) / want * kHwRows;
+  const index_t chunks = (M + chunk - 1) / chunk;
+  const bool direct = chunks == 1;
+  T* out = direct ? dW : scratch<T>(chunks * P * O * I);
+  const dim3 grid(static_cast<unsigned>(P), static_cast<unsigned>(chunks));
+  headwise_dw_kernel<<<grid, kHwThreads, 0, stream()>>>(out, direct, dy, ldy, x, ldx, M, P, I, O, chunk);
+  DISTILX_CUDA_LAUNCH_CHECK();
+  if (!direct) chunk_sum_add(dW, out, chunks, P * O * I);
+  return true;
+}
+
 // ---- norms (one warp per row) ---------------------------------------------------------
 
 template <class T>
@@ -461,7 +753,9 @@ void headwise_backward(cuda be, T* dx, T* dW, const T* dy, const T* x, const T* 
                        index_t O, bool accumulate_dx = false, index_t ldy = -1, index_t ldx = -1) {
   if (ldy < 0) ldy = P * O;
   if (ldx < 0) ldx = P * I;
-  if (dW) gemm_strided_batched(be, Trans::yes, Trans::no, O, I, M, T(1), dy, ldy, O, x, ldx, I, T(1), dW, I, O * I, P);
+  // Small blocks (the mLSTM q/k/v, 32 wide): a split-over-rows kernel; cuBLAS keeps the rest.
+  if (dW && !cuk::headwise_dw_small(dW, dy, ldy, x, ldx, M, P, I, O))
+    gemm_strided_batched(be, Trans::yes, Trans::no, O, I, M, T(1), dy, ldy, O, x, ldx, I, T(1), dW, I, O * I, P);
   if (dx)
     gemm_strided_batched(be, Trans::no, Trans::no, M, I, O, T(1), dy, ldy, O, W, I, O * I,
                          accumulate_dx ? T(1) : T(0), dx, ldx, I, P);
@@ -504,6 +798,9 @@ void causal_conv1d_backward(cuda, T* dx, T* dW, T* db, const T* dy, const T* x, 
                                                                                            accumulate_dx);
     DISTILX_CUDA_LAUNCH_CHECK();
   }
+  // dW (and db in the same pass) through the dedicated kernel for K <= 4; the generic column
+  // reduction covers longer kernels and a bias gradient without dW.
+  if (dW && cuk::conv1d_dw_db(dW, db, dy, x, B, S, F, K)) return;
   if (dW) cuk::column_reduce_add(dW, B * S, F * K, cuk::ConvDw<T>{dy, x, S, F, K});
   if (db) cuk::column_reduce_add(db, B * S, F, cuk::ColumnOf<T>{dy, F});
 }
