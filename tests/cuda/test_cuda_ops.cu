@@ -495,6 +495,88 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(mlstm_output, T, Scalars) {
   expect_identical("mlstm_output_backward dskip rerun", dgskip.host(), h1);
 }
 
+// ---- mLSTM gate pre-activations (ops/fused.hpp; backend/cuda/mlstm_gates.cuh) -------------
+
+// Both gates forward and backward against the CPU GEMM sequence. Shapes: M not a multiple of the
+// forward's row block (8 rows at NH = 4, 32 at NH = 1) nor of the backward's 64-row staging, M = 3001
+// split into several row ranges, a single row; D = 30 and D = 6 (not a multiple of 4) and q, k, v
+// one float off 16-byte alignment run the GEMM fallback. Gradients start non-zero (+= semantics).
+// The float kernels compute in fp32 in every math mode, so the bf16 run keeps the 1e-5 tolerance
+// (rounding q, k, v or W to bf16 would give ~1e-3); the backward rerun must be bit-identical.
+BOOST_AUTO_TEST_CASE_TEMPLATE(mlstm_gates, T, Scalars) {
+  using cuda_backend::MathMode;
+  struct Shape {
+    index_t M, NH, D;
+    bool misaligned;
+  };
+  const Shape shapes[] = {{77, 4, 48, false},  {3001, 4, 64, false}, {1, 4, 8, false},   {203, 1, 36, false},
+                          {1000, 1, 128, false}, {300, 3, 20, false}, {133, 4, 30, false}, {50, 1, 6, false},
+                          {90, 4, 16, true}};
+  Rng rng(21);
+  const std::vector<MathMode> modes = std::is_same_v<T, float> ? std::vector<MathMode>{MathMode::fp32, MathMode::bf16}
+                                                              : std::vector<MathMode>{MathMode::fp32};
+  for (const MathMode mode : modes) {
+    const MathMode saved = cuda_backend::math_mode();
+    cuda_backend::set_math_mode(mode);
+    for (const Shape& sh : shapes) {
+      const index_t M = sh.M, NH = sh.NH, D = sh.D, off = sh.misaligned ? 1 : 0;
+      const std::string tag = " M=" + std::to_string(M) + " NH=" + std::to_string(NH) + " D=" + std::to_string(D) +
+                              (sh.misaligned ? " misaligned" : "") + " " + cuda_backend::to_string(mode);
+      auto q = randv<T>(M * D + off, rng), k = randv<T>(M * D + off, rng), v = randv<T>(M * D + off, rng);
+      auto Wi = randv<T>(NH * 3 * D, rng), Wf = randv<T>(NH * 3 * D, rng), bi = randv<T>(NH, rng),
+           bf = randv<T>(NH, rng);
+      Dev<T> dq_(q), dk_(k), dv_(v), dWi(Wi), dWf(Wf), dbi(bi), dbf(bf);
+      std::vector<T> ig(static_cast<std::size_t>(M * NH)), fg(ig.size());
+      Dev<T> dig_(ig), dfg_(fg);
+      ops::mlstm_gates_forward(cpu{}, ig.data(), fg.data(), q.data() + off, k.data() + off, v.data() + off, Wi.data(),
+                               bi.data(), Wf.data(), bf.data(), M, NH, D);
+      ops::mlstm_gates_forward(distilx::cuda{}, dig_.p(), dfg_.p(), dq_.p() + off, dk_.p() + off, dv_.p() + off,
+                               dWi.p(), dbi.p(), dWf.p(), dbf.p(), M, NH, D);
+      expect_close("mlstm_gates_forward ig" + tag, dig_, ig);
+      expect_close("mlstm_gates_forward fg" + tag, dfg_, fg);
+
+      const auto gi = randv<T>(M * NH, rng), gf = randv<T>(M * NH, rng);
+      const auto gq0 = randv<T>(M * D + off, rng, -0.5, 0.5), gk0 = randv<T>(M * D + off, rng, -0.5, 0.5),
+                 gv0 = randv<T>(M * D + off, rng, -0.5, 0.5);
+      const auto gWi0 = randv<T>(NH * 3 * D, rng, -0.5, 0.5), gWf0 = randv<T>(NH * 3 * D, rng, -0.5, 0.5);
+      const auto gbi0 = randv<T>(NH, rng, -0.5, 0.5), gbf0 = randv<T>(NH, rng, -0.5, 0.5);
+      auto gq = gq0, gk = gk0, gv = gv0, gWi = gWi0, gWf = gWf0, gbi = gbi0, gbf = gbf0;
+      Dev<T> dgi(gi), dgf(gf), dgq(gq0), dgk(gk0), dgv(gv0), dgWi(gWi0), dgWf(gWf0), dgbi(gbi0), dgbf(gbf0);
+      ops::mlstm_gates_backward(cpu{}, gq.data() + off, gk.data() + off, gv.data() + off, gi.data(), gf.data(),
+                                gWi.data(), gbi.data(), gWf.data(), gbf.data(), q.data() + off, k.data() + off,
+                                v.data() + off, Wi.data(), Wf.data(), M, NH, D);
+      const auto run_gpu = [&] {
+        ops::mlstm_gates_backward(distilx::cuda{}, dgq.p() + off, dgk.p() + off, dgv.p() + off, dgi.p(), dgf.p(),
+                                  dgWi.p(), dgbi.p(), dgWf.p(), dgbf.p(), dq_.p() + off, dk_.p() + off, dv_.p() + off,
+                                  dWi.p(), dWf.p(), M, NH, D);
+      };
+      run_gpu();
+      expect_close("mlstm_gates_backward dq (+=)" + tag, dgq, gq);
+      expect_close("mlstm_gates_backward dk (+=)" + tag, dgk, gk);
+      expect_close("mlstm_gates_backward dv (+=)" + tag, dgv, gv);
+      expect_close("mlstm_gates_backward dWi (+=)" + tag, dgWi, gWi);
+      expect_close("mlstm_gates_backward dWf (+=)" + tag, dgWf, gWf);
+      expect_close("mlstm_gates_backward dbi (+=)" + tag, dgbi, gbi);
+      expect_close("mlstm_gates_backward dbf (+=)" + tag, dgbf, gbf);
+      // Rerun from the same starting gradients: bit-identical.
+      const auto hq = dgq.host(), hWi = dgWi.host(), hWf = dgWf.host(), hbf = dgbf.host();
+      dgq.set(gq0);
+      dgk.set(gk0);
+      dgv.set(gv0);
+      dgWi.set(gWi0);
+      dgWf.set(gWf0);
+      dgbi.set(gbi0);
+      dgbf.set(gbf0);
+      run_gpu();
+      expect_identical("mlstm_gates_backward dq rerun" + tag, dgq.host(), hq);
+      expect_identical("mlstm_gates_backward dWi rerun" + tag, dgWi.host(), hWi);
+      expect_identical("mlstm_gates_backward dWf rerun" + tag, dgWf.host(), hWf);
+      expect_identical("mlstm_gates_backward dbf rerun" + tag, dgbf.host(), hbf);
+    }
+    cuda_backend::set_math_mode(saved);
+  }
+}
+
 // ---- embedding ----------------------------------------------------------------------------
 
 template <class T, class Tok>
