@@ -368,8 +368,9 @@ BOOST_AUTO_TEST_CASE(rmsnorm_for_products_stages_16bit_rows) {
       BOOST_TEST_MESSAGE("rmsnorm for products, C " << C << ", " << cuda_backend::to_string(m)
                                                     << ": product vs the rounded CPU norm " << e);
       // The norm's own rounding differs from the CPU's by a few float ulps, which can move a
-      // 16-bit rounding by one step on a few elements: 1e-4 (a wrong scale or row is ~1).
-      BOOST_CHECK_LE(e, m == MathMode::fp32 ? 1e-6 : 1e-4);
+      // 16-bit rounding by one step on a few elements (measured on an H100: bf16 1.1e-4 at C 256,
+      // fp16 4.4e-6): bounds 1e-3 (bf16) and 1e-4 (fp16); a wrong scale, row or column is ~1.
+      BOOST_CHECK_LE(e, m == MathMode::fp32 ? 1e-6 : m == MathMode::bf16 ? 1e-3 : 1e-4);
       if (m == MathMode::fp32) {
         const auto y = dY.to_host();
         BOOST_CHECK_LE(relative_error(y.data(), Y.data(), M * C), 1e-6);
