@@ -18,7 +18,6 @@
 #include "distilx/backend/cuda/ops.cuh"
 #include "distilx/backend/cuda/loss_ops.cuh"     // vocabulary loss rows, alignment rows
 #include "distilx/backend/cuda/teacher_ops.cuh"  // RoPE, fused causal attention
-#include "distilx/backend/cuda/mlstm_gates.cuh"  // the mLSTM block's gate pre-activations (ops/fused.hpp)
 
 // CUDA cell specialisations (MLSTMCell<T, cuda> / SLSTMCell<T, cuda>) come after the ops, since
 // they include the CPU cell headers, and before any block or student is instantiated.

@@ -1,8 +1,7 @@
 // mLSTM block of NX-AI's xLSTMBlockStack (spec-xlstm.md §4.1, §6):
 //   out = x + proj_down((MHLN(cell(q,k,v,ĩ,f̃)) + skip ⊙ xc) ⊙ SiLU(z)),
 //   [x_m | z] = proj_up(LN(x)), xc = SiLU(conv(x_m)), q,k = headwise(xc), v = headwise(x_m),
-//   ĩ, f̃ = Linear([q|k|v]) (ops::mlstm_gates_forward, without forming the concat).
-//   Explicit forward (saving activations) and backward.
+//   ĩ, f̃ = Linear([q|k|v]). Explicit forward (saving activations) and backward.
 // Legend: M = B*S rows, d model width, D inner width, NH heads, DH = D/NH, P = D/bs blocks.
 #pragma once
 
@@ -14,7 +13,6 @@
 #include "distilx/models/params.hpp"
 #include "distilx/ops/conv1d.hpp"
 #include "distilx/ops/elementwise.hpp"
-#include "distilx/ops/fused.hpp"
 #include "distilx/ops/linear.hpp"
 #include "distilx/ops/norm.hpp"
 
@@ -102,8 +100,8 @@ class MLSTMBlock {
     ops::headwise_forward(be, q_act_.data(), xc_.data(), cp(params, q_), M, P_, bs_, bs_);
     ops::headwise_forward(be, k_act_.data(), xc_.data(), cp(params, k_), M, P_, bs_, bs_);
     ops::headwise_forward(be, v_act_.data(), xm_.data(), cp(params, v_), M, P_, bs_, bs_);
-    ops::mlstm_gates_forward(be, ig_act_.data(), fg_act_.data(), q_act_.data(), k_act_.data(), v_act_.data(),
-                             cp(params, ig_w_), cp(params, ig_b_), cp(params, fg_w_), cp(params, fg_b_), M, NH_, D_);
+    gate_forward(ig_act_.data(), cp(params, ig_w_), cp(params, ig_b_), M);
+    gate_forward(fg_act_.data(), cp(params, fg_w_), cp(params, fg_b_), M);
     cell_.forward(htil_.data(), q_act_.data(), k_act_.data(), v_act_.data(), ig_act_.data(), fg_act_.data(), B, S);
     ops::group_layernorm_forward(be, hn_.data(), on_mean_.data(), on_rstd_.data(), htil_.data(), cp(params, outnorm_),
                                  M, NH_, DH_, eps_);
@@ -133,9 +131,8 @@ class MLSTMBlock {
     T* dk = g_d_.data();
     cell_.backward(dq, dk, dv, g_ig_.data(), g_fg_.data(), dhtil, q_act_.data(), k_act_.data(), v_act_.data(),
                    ig_act_.data(), fg_act_.data(), B, S);
-    ops::mlstm_gates_backward(be, dq, dk, dv, g_ig_.data(), g_fg_.data(), g(grads, ig_w_), g(grads, ig_b_),
-                              g(grads, fg_w_), g(grads, fg_b_), q_act_.data(), k_act_.data(), v_act_.data(),
-                              cp(params, ig_w_), cp(params, fg_w_), M, NH_, D_);
+    gate_backward(dq, dk, dv, g_ig_.data(), g(grads, ig_w_), g(grads, ig_b_), cp(params, ig_w_), M);
+    gate_backward(dq, dk, dv, g_fg_.data(), g(grads, fg_w_), g(grads, fg_b_), cp(params, fg_w_), M);
     ops::headwise_backward(be, dxc, g(grads, q_), dq, xc_.data(), cp(params, q_), M, P_, bs_, bs_, true);
     ops::headwise_backward(be, dxc, g(grads, k_), dk, xc_.data(), cp(params, k_), M, P_, bs_, bs_, true);
     ops::headwise_backward(be, dxm, g(grads, v_), dv, xm_.data(), cp(params, v_), M, P_, bs_, bs_, false);
@@ -189,8 +186,8 @@ class MLSTMBlock {
     ops::headwise_forward(be, q, xc, cp(params, q_), B, P_, bs_, bs_);
     ops::headwise_forward(be, k, xc, cp(params, k_), B, P_, bs_, bs_);
     ops::headwise_forward(be, v, xm, cp(params, v_), B, P_, bs_, bs_);
-    ops::mlstm_gates_forward(be, ig, fg, q, k, v, cp(params, ig_w_), cp(params, ig_b_), cp(params, fg_w_),
-                             cp(params, fg_b_), B, NH_, D_);
+    gate_forward_rows(ig, q, k, v, cp(params, ig_w_), cp(params, ig_b_), B);
+    gate_forward_rows(fg, q, k, v, cp(params, fg_w_), cp(params, fg_b_), B);
     MLSTMCell<T, Backend>::step(h, s.C.data(), s.n.data(), s.m.data(), q, k, v, ig, fg, B, NH_, DH_);
     ops::group_layernorm_forward(be, h, stats, stats + B * NH_, h, cp(params, outnorm_), B, NH_, DH_, eps_);
     ops::mlstm_output_forward(be, h, hs, h, cp(params, skip_), xc, z, B, D_);
@@ -205,6 +202,28 @@ class MLSTMBlock {
   const T* cp(const T* params, index_t slot) const { return params + (*layout_)[slot].offset; }
   T* g(T* grads, index_t slot) const { return grads + (*layout_)[slot].offset; }
 
+  // ĩ or f̃ [M, NH] = [q|k|v] W^T + b without materialising the concat: W is [NH, 3D].
+  void gate_forward(T* out, const T* W, const T* b, index_t M) {
+    gate_forward_rows(out, q_act_.data(), k_act_.data(), v_act_.data(), W, b, M);
+  }
+  void gate_forward_rows(T* out, const T* q, const T* k, const T* v, const T* W, const T* b, index_t M) const {
+    Backend be{};
+    ops::gemm(be, ops::Trans::no, ops::Trans::yes, M, NH_, D_, T(1), q, D_, W, 3 * D_, T(0), out, NH_);
+    ops::gemm(be, ops::Trans::no, ops::Trans::yes, M, NH_, D_, T(1), k, D_, W + D_, 3 * D_, T(1), out, NH_);
+    ops::gemm(be, ops::Trans::no, ops::Trans::yes, M, NH_, D_, T(1), v, D_, W + 2 * D_, 3 * D_, T(1), out, NH_);
+    ops::add_row_vector(be, out, b, M, NH_);
+  }
+  // dq,dk,dv += dgate W[:, part]; dW[:, part] += dgate^T part; db += Σ dgate.
+  void gate_backward(T* dq, T* dk, T* dv, const T* dgate, T* dW, T* db, const T* W, index_t M) {
+    Backend be{};
+    const T* parts[3] = {q_act_.data(), k_act_.data(), v_act_.data()};
+    T* dparts[3] = {dq, dk, dv};
+    for (int i = 0; i < 3; ++i) {
+      ops::gemm(be, ops::Trans::no, ops::Trans::no, M, D_, NH_, T(1), dgate, NH_, W + i * D_, 3 * D_, T(1), dparts[i], D_);
+      ops::gemm(be, ops::Trans::yes, ops::Trans::no, NH_, D_, M, T(1), dgate, NH_, parts[i], D_, T(1), dW + i * D_, 3 * D_);
+    }
+    ops::column_sum(be, db, dgate, M, NH_);
+  }
   void resize_step(index_t B) {
     const index_t need = B * (d_ + 8 * D_ + 4 * NH_);
     if (step_ws_.size() != need) step_ws_.resize(need);
