@@ -80,7 +80,6 @@ if [ -e "$STAGE/distiller-enabled" ]; then export DISTILX_NCCL_DISTILLER=1; fi
 bash tests/nccl/run_nccl_tests.sh "$STAGE/distilx_nccl_tests" "$OUT/tests" | tee "$OUT/tests.txt"
 TESTS_RC=${PIPESTATUS[0]}
 
-
 if [ -x "$STAGE/distilx" ]; then
   # The app end to end: `distill --gpus 2` on the demo teacher, then the run resumed on 1 GPU
   # with the same global batch (2 x 4 rows -> 1 x 8 rows) from its step-10 checkpoint.

@@ -290,6 +290,9 @@ BOOST_AUTO_TEST_CASE(staged_16bit_image_feeds_the_next_product) {
   // which are then not meaningful); a product writing into the range drops it; a product in
   // another math mode is refused.
   namespace d = cuda_backend::detail;
+  struct DropAtExit {  // a failing check must not leave the image staged for later test cases
+    ~DropAtExit() { cuda_backend::detail::drop_staged_image(); }
+  } drop_at_exit;
   Rng rng(16);
   const index_t M = 40, K = 48, N = 64;
   const auto A = randf(M * K, rng), B = randf(N * K, rng), C0 = randf(M * N, rng);
@@ -337,6 +340,22 @@ BOOST_AUTO_TEST_CASE(staged_16bit_image_feeds_the_next_product) {
     BOOST_CHECK_THROW(
         ops::gemm(distilx::cuda{}, Trans::no, Trans::yes, M, N, K, 1.f, dA.data(), K, dB.data(), K, 0.f, dC.data(), N),
         distilx::error);
+  }
+  // A product accumulating into the staged range (beta != 0) would read its floats: refused.
+  {
+    ModeScope scope(MathMode::bf16);
+    BOOST_CHECK_THROW(
+        ops::gemm(distilx::cuda{}, Trans::no, Trans::yes, M, K, N, 1.f, dC.data(), N, dB.data(), N, 1.f, dA.data(), K),
+        distilx::error);
+  }
+  // Freeing the memory under the range ends the staging (the address may be handed out again).
+  {
+    Buffer<float, distilx::cuda> tmp(M * K);
+    d::stage_half_image(tmp.data(), M * K, img, MathMode::bf16);
+    BOOST_CHECK(d::inside_staged_image(tmp.data(), M * K));
+    const float* freed = tmp.data();
+    tmp = Buffer<float, distilx::cuda>();
+    BOOST_CHECK(!d::inside_staged_image(freed, M * K));
   }
   d::drop_staged_image();
   DISTILX_CUDA_CHECK(cudaFree(img));

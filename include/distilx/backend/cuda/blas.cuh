@@ -233,11 +233,22 @@ inline StagedImage& staged_image() {
   thread_local StagedImage s;
   return s;
 }
+inline void drop_staged_image() {
+  staged_image() = StagedImage{};
+  free_hook() = nullptr;
+}
+/// The allocator's free hook while an image is staged: freeing memory under the range ends it.
+inline void drop_staged_image_if_freed(const void* p, std::size_t bytes) {
+  const StagedImage& s = staged_image();
+  const char* b = static_cast<const char*>(p);
+  const char* sb = reinterpret_cast<const char*>(s.p);
+  if (s.p && sb < b + bytes && b < reinterpret_cast<const char*>(s.p + s.n)) drop_staged_image();
+}
 /// Stages image (2 bytes per element, the layout of [p, p + n)) for the current stream.
 inline void stage_half_image(const float* p, index_t n, const void* image, MathMode type) {
   staged_image() = StagedImage{p, n, image, type, current_stream()};
+  free_hook() = &drop_staged_image_if_freed;
 }
-inline void drop_staged_image() { staged_image() = StagedImage{}; }
 /// Products of this thread that read a staged image so far (tests check the handoff with it).
 inline std::uint64_t& staged_image_reads() {
   thread_local std::uint64_t n = 0;
@@ -249,12 +260,30 @@ inline bool inside_staged_image(const float* p, index_t extent) {
   return s.p && p >= s.p && p + extent <= s.p + s.n;
 }
 /// A product writes C[rows, cols] (row pitch ld): an image of values it overwrites is stale.
-inline void drop_staged_image_if_written(const float* c, index_t rows, index_t cols, index_t ld, index_t batches = 1,
-                                         index_t stride = 0) {
+/// With beta != 0 the product would also read C's floats, which are not meaningful while staged:
+/// refused.
+inline void drop_staged_image_if_written(const char* fn, const float* c, index_t rows, index_t cols, index_t ld,
+                                         bool reads_c, index_t batches = 1, index_t stride = 0) {
   const StagedImage& s = staged_image();
   if (!s.p || rows <= 0 || cols <= 0) return;
   const float* end = c + (batches - 1) * stride + (rows - 1) * ld + cols;
-  if (c < s.p + s.n && end > s.p) drop_staged_image();
+  if (!(c < s.p + s.n && end > s.p)) return;
+  if (reads_c)
+    throw error(::distilx::detail::concat(fn, ": C at ", static_cast<const void*>(c), " lies in a range staged as a ",
+                                          to_string(s.type), " image, whose floats are not meaningful, and beta != 0 "
+                                          "would read them; run the products that read the image first"));
+  drop_staged_image();
+}
+/// The error for a float product (or a 16-bit one of another type or stream) that reads a staged
+/// operand: what differs, and the fix.
+inline error staged_operand_error(const char* fn, const char* which, const float* p, MathMode mode) {
+  const StagedImage& s = staged_image();
+  return error(::distilx::detail::concat(
+      fn, ": operand ", which, " at ", static_cast<const void*>(p), " was staged as a ", to_string(s.type),
+      " image on stream ", static_cast<const void*>(s.stream), ", but this product runs in ", to_string(mode),
+      " on stream ", static_cast<const void*>(current_stream()),
+      "; run it in the staging op's math mode and stream, right after that op (for the loss: lm_head_backward "
+      "after distill_rows, or leave DistillRows::dz_feeds_lm_head_only unset)"));
 }
 
 }  // namespace detail
@@ -532,10 +561,7 @@ inline HalfOperand half_operand(const Operand& o, MathMode mode, int slot) {
   if (inside_staged_image(o.p, extent)) {
     const StagedImage& s = staged_image();
     if (s.type != mode || s.stream != current_stream())
-      throw error(::distilx::detail::concat("gemm(cuda): the operand at ", static_cast<const void*>(o.p),
-                                            " was staged as a ", to_string(s.type), " image on another stream or in ",
-                                            "another math mode than this product's (", to_string(mode),
-                                            "); run the product right after the op that staged it"));
+      throw staged_operand_error("gemm(cuda)", slot == 0 ? "A" : "B", o.p, mode);
     ++staged_image_reads();
     return {static_cast<const char*>(s.image) + 2 * (o.p - s.p), o.ld, o.stride};
   }
@@ -581,6 +607,8 @@ void gemm(cuda, Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha, co
   if (M == 0 || N == 0) return;
   if (K == 0) {  // cuBLAS rejects lda < 1 for an empty inner dimension; BLAS semantics: C = beta C
     if (beta == T(1)) return;
+    if constexpr (std::is_same_v<T, float>)
+      cuda_backend::detail::drop_staged_image_if_written("gemm(cuda)", C, M, N, ldc, beta != T(0));
     const index_t n = M * N;
     const int grid = static_cast<int>(std::min<index_t>((n + 255) / 256, 4096));
     cuda_backend::detail::scale_matrix_kernel<<<grid, 256, 0, cuda_backend::current_stream()>>>(C, M, N, ldc, beta);
@@ -596,17 +624,16 @@ void gemm(cuda, Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha, co
     if (cuda_backend::is_half_mode(mode) && !d::thin_product_prefers_fp32(M, N, K, oa32, ob32)) {
       const d::HalfOperand a = d::half_operand(oa32, mode, 0);
       const d::HalfOperand b = d::half_operand(ob32, mode, 1);
-      d::drop_staged_image_if_written(C, M, N, ldc);  // after the reads: C may be an operand's range
+      d::drop_staged_image_if_written("gemm(cuda)", C, M, N, ldc, beta != 0.f);  // after the reads
       const cudaDataType_t t16 = d::half_type(mode);
       DISTILX_CUBLAS_CHECK(cublasGemmEx_64(cuda_backend::cublas_handle(true), ob, oa, N, M, K, &alpha, b.p, t16, b.ld,
                                            a.p, t16, a.ld, &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
                                            CUBLAS_GEMM_DEFAULT));
       return;
     }
-    if (d::inside_staged_image(A, d::extent(oa32)) || d::inside_staged_image(B, d::extent(ob32)))
-      throw error("gemm(cuda): an operand was staged as a 16-bit image, but the math mode is now " +
-                  std::string(to_string(mode)) + "; run the product in the mode that staged it");
-    d::drop_staged_image_if_written(C, M, N, ldc);
+    if (d::inside_staged_image(A, d::extent(oa32))) throw d::staged_operand_error("gemm(cuda)", "A", A, mode);
+    if (d::inside_staged_image(B, d::extent(ob32))) throw d::staged_operand_error("gemm(cuda)", "B", B, mode);
+    d::drop_staged_image_if_written("gemm(cuda)", C, M, N, ldc, beta != 0.f);
     DISTILX_CUBLAS_CHECK(cublasSgemm_64(cuda_backend::cublas_handle(true), ob, oa, N, M, K, &alpha, B, ldb, A, lda,
                                         &beta, C, ldc));
   } else {
@@ -643,17 +670,18 @@ void gemm_strided_batched(cuda, Trans ta, Trans tb, index_t M, index_t N, index_
     if (cuda_backend::is_half_mode(mode) && !d::thin_product_prefers_fp32(M, N, K, oa32, ob32)) {
       const d::HalfOperand a = d::half_operand(oa32, mode, 0);
       const d::HalfOperand b = d::half_operand(ob32, mode, 1);
-      d::drop_staged_image_if_written(C, M, N, ldc, batch, stride_c);
+      d::drop_staged_image_if_written("gemm_strided_batched(cuda)", C, M, N, ldc, beta != 0.f, batch, stride_c);
       const cudaDataType_t t16 = d::half_type(mode);
       DISTILX_CUBLAS_CHECK(cublasGemmStridedBatchedEx_64(
           cuda_backend::cublas_handle(true), ob, oa, N, M, K, &alpha, b.p, t16, b.ld, b.stride, a.p, t16, a.ld,
           a.stride, &beta, C, CUDA_R_32F, ldc, stride_c, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
       return;
     }
-    if (d::inside_staged_image(A, d::extent(oa32)) || d::inside_staged_image(B, d::extent(ob32)))
-      throw error("gemm_strided_batched(cuda): an operand was staged as a 16-bit image, but the math mode is now " +
-                  std::string(to_string(mode)) + "; run the product in the mode that staged it");
-    d::drop_staged_image_if_written(C, M, N, ldc, batch, stride_c);
+    if (d::inside_staged_image(A, d::extent(oa32)))
+      throw d::staged_operand_error("gemm_strided_batched(cuda)", "A", A, mode);
+    if (d::inside_staged_image(B, d::extent(ob32)))
+      throw d::staged_operand_error("gemm_strided_batched(cuda)", "B", B, mode);
+    d::drop_staged_image_if_written("gemm_strided_batched(cuda)", C, M, N, ldc, beta != 0.f, batch, stride_c);
     DISTILX_CUBLAS_CHECK(cublasSgemmStridedBatched_64(cuda_backend::cublas_handle(true), ob, oa, N, M, K, &alpha, B,
                                                       ldb, stride_b, A, lda, stride_a, &beta, C, ldc, stride_c, batch));
   } else {

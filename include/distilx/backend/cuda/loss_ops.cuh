@@ -246,7 +246,6 @@ struct RowArgs {
 
 constexpr int kSlotCount = 33;  // 32 warp partials + 1 block partial per reduction
 
-/// log2 of the mixture m = beta p_t + (1 - beta) p_s from log2 p_t, log2 p_s (the CPU's LogMixture in base 2).
 /// Stores VEC gradient values at element j of the row: in T to dz, or as 16-bit values to dz16.
 template <class T, int VEC>
 __device__ inline void store_grad(const RowArgs<T>& a, T* dz_row, index_t row, int j, const Vec<T, VEC>& g) {
@@ -269,6 +268,7 @@ __device__ inline void store_grad(const RowArgs<T>& a, T* dz_row, index_t row, i
   }
 }
 
+/// log2 of the mixture m = beta p_t + (1 - beta) p_s from log2 p_t, log2 p_s (the CPU's LogMixture in base 2).
 template <class T>
 __device__ inline T log2_mix(const RowArgs<T>& a, T l2t, T l2s) {
   if (a.beta == T(0)) return l2s;

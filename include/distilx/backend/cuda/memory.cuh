@@ -20,6 +20,17 @@
 
 namespace distilx::cuda_backend {
 
+namespace detail {
+/// Called on the freeing thread with each block handed back to the allocator (null: none).
+/// blas.cuh sets it while a 16-bit image of a float range is staged, so that freeing the range
+/// also ends the staging (a later allocation at that address must not be served the image).
+using FreeHook = void (*)(const void* p, std::size_t bytes);
+inline FreeHook& free_hook() {
+  thread_local FreeHook h = nullptr;
+  return h;
+}
+}  // namespace detail
+
 /// Caching device allocator: freed blocks go back to a free list keyed by their rounded
 /// size and are reused by later requests of the same size class.
 class CachingAllocator {
@@ -58,12 +69,17 @@ class CachingAllocator {
   }
   void deallocate(void* p) {
     if (!p) return;
-    std::lock_guard<std::mutex> lk(mu_);
-    auto it = live_.find(p);
-    if (it == live_.end()) return;
-    free_[it->second].push_back(p);
-    in_use_ -= it->second;
-    live_.erase(it);
+    std::size_t sz = 0;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      auto it = live_.find(p);
+      if (it == live_.end()) return;
+      sz = it->second;
+      free_[sz].push_back(p);
+      in_use_ -= sz;
+      live_.erase(it);
+    }
+    if (detail::FreeHook h = detail::free_hook()) h(p, sz);
   }
   void release_cached() {
     std::lock_guard<std::mutex> lk(mu_);

@@ -656,9 +656,10 @@ __global__ void gated_bias_bf16_kernel(__nv_bfloat16* __restrict__ g, const __nv
 }
 
 /// RMSNorm of float rows written as 16-bit values (H = bf16 / fp16) for the products that read
-/// them: y = half((x * rs) * w), rs = 1 / sqrt(mean(x^2) + eps), the float kernel's arithmetic.
-/// One warp per row; the row stays in registers between the sum and the scaling (one read of x):
-/// C % 128 == 0, C <= 128 * MAXV, x and w 16-byte aligned.
+/// them: y = half((x * rs) * w), rs = 1 / sqrt(mean(x^2) + eps), as the float kernel computes it
+/// except for the order of the sum of squares (float4 pieces per lane), so rs can differ by an
+/// ulp. One warp per row; the row stays in registers between the sum and the scaling (one read of
+/// x): C % 128 == 0, C <= 128 * MAXV, x and w 16-byte aligned.
 template <class H, int MAXV>
 __global__ void rmsnorm_half_kernel(H* __restrict__ y, const float* __restrict__ x, const float* __restrict__ w,
                                     index_t M, index_t C, float eps) {
@@ -715,8 +716,9 @@ inline void half_gemm_nt(index_t M, index_t N, index_t K, const HalfOperand& a, 
 /// y[M, N] (fp32, row pitch ldy) = a[M, K] w[N, K]^T + b[N] for 16-bit a and w, the bias added in
 /// the product's epilogue (cuBLASLt), so y is written once instead of written and then read and
 /// written again by a bias pass. A plan (descriptors and the heuristic's algorithm) is kept per
-/// shape and thread; the workspace is per-thread, per-stream scratch. Returns false, doing
-/// nothing, when cuBLASLt offers no algorithm for the shape (the caller adds the bias itself).
+/// shape, pointer alignment and thread (at most kMaxPlans, then the cache starts over); the
+/// workspace is per-thread, per-stream scratch. Returns false, doing nothing, when cuBLASLt
+/// offers no algorithm for the call (the caller then adds the bias itself).
 class LtBiasGemm {
  public:
   LtBiasGemm(const LtBiasGemm&) = delete;
@@ -727,7 +729,9 @@ class LtBiasGemm {
   }
   bool run(index_t M, index_t N, index_t K, const HalfOperand& a, const HalfOperand& w, cudaDataType_t t16,
            const float* bias, float* y, index_t ldy) {
-    Plan& p = plan(M, N, K, a.ld, w.ld, ldy, t16);
+    // The heuristic must know how the pointers are aligned (its default assumes 256 bytes).
+    const Align al{alignment(a.p), alignment(w.p), alignment(y), alignment(bias)};
+    Plan& p = plan(M, N, K, a.ld, w.ld, ldy, t16, al);
     if (!p.found) return false;
     DISTILX_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
     ++runs_;
@@ -750,25 +754,42 @@ class LtBiasGemm {
     bool found = false;
   };
   static constexpr std::size_t kMaxWorkspace = std::size_t(32) << 20;
+  static constexpr std::size_t kMaxPlans = 64;
+  struct Align {
+    std::uint32_t a, w, y, bias;
+  };
+  static std::uint32_t alignment(const void* p) {  // largest power of two dividing p, at most 256
+    const auto v = reinterpret_cast<std::uintptr_t>(p);
+    std::uint32_t al = 256;
+    while (al > 1 && v % al != 0) al /= 2;
+    return al;
+  }
+  static void destroy(Plan& p) {
+    if (p.A) (void)cublasLtMatrixLayoutDestroy(p.A);
+    if (p.B) (void)cublasLtMatrixLayoutDestroy(p.B);
+    if (p.C) (void)cublasLtMatrixLayoutDestroy(p.C);
+    if (p.op) (void)cublasLtMatmulDescDestroy(p.op);
+    p = Plan{};
+  }
   LtBiasGemm() = default;
   ~LtBiasGemm() {  // at thread exit: errors ignored
-    for (auto& kv : plans_) {
-      Plan& p = kv.second;
-      if (p.A) (void)cublasLtMatrixLayoutDestroy(p.A);
-      if (p.B) (void)cublasLtMatrixLayoutDestroy(p.B);
-      if (p.C) (void)cublasLtMatrixLayoutDestroy(p.C);
-      if (p.op) (void)cublasLtMatmulDescDestroy(p.op);
-    }
+    for (auto& kv : plans_) destroy(kv.second);
     if (lt_) (void)cublasLtDestroy(lt_);
   }
   cublasLtHandle_t handle() {
     if (!lt_) DISTILX_CUBLAS_CHECK(cublasLtCreate(&lt_));
     return lt_;
   }
-  Plan& plan(index_t M, index_t N, index_t K, index_t lda, index_t ldw, index_t ldy, cudaDataType_t t16) {
-    const auto key = std::make_tuple(M, N, K, lda, ldw, ldy, static_cast<int>(t16));
+  Plan& plan(index_t M, index_t N, index_t K, index_t lda, index_t ldw, index_t ldy, cudaDataType_t t16,
+             const Align& al) {
+    const auto key = std::make_tuple(M, N, K, lda, ldw, ldy, static_cast<int>(t16), al.a, al.w, al.y, al.bias);
     auto it = plans_.find(key);
     if (it != plans_.end()) return it->second;
+    if (plans_.size() >= kMaxPlans) {  // e.g. evaluation at many lengths: start over
+      DISTILX_CUDA_CHECK(cudaStreamSynchronize(current_stream()));
+      for (auto& kv : plans_) destroy(kv.second);
+      plans_.clear();
+    }
     Plan& p = plans_[key];
     DISTILX_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
@@ -788,6 +809,15 @@ class LtBiasGemm {
     const std::size_t ws = kMaxWorkspace;
     DISTILX_CUBLAS_CHECK(
         cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    // Operand A of the column-major call is w, B is a; C and D are y.
+    const std::pair<cublasLtMatmulPreferenceAttributes_t, std::uint32_t> aligns[] = {
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, al.w},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, al.a},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, al.y},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, al.y}};
+    for (const auto& [attr, v] : aligns)
+      DISTILX_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &v, sizeof(v)));
+    (void)al.bias;  // cuBLASLt has no alignment preference for the bias; it is part of the key
     cublasLtMatmulHeuristicResult_t res{};
     int found = 0;
     const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle(), p.op, p.A, p.B, p.C, p.C, pref, 1, &res, &found);
@@ -800,7 +830,10 @@ class LtBiasGemm {
     return p;
   }
   cublasLtHandle_t lt_ = nullptr;
-  std::map<std::tuple<index_t, index_t, index_t, index_t, index_t, index_t, int>, Plan> plans_;
+  std::map<std::tuple<index_t, index_t, index_t, index_t, index_t, index_t, int, std::uint32_t, std::uint32_t,
+                      std::uint32_t, std::uint32_t>,
+           Plan>
+      plans_;
   SlotScratch<1> ws_;
   std::uint64_t runs_ = 0;
 };
@@ -884,8 +917,9 @@ void gated_mlp_forward(cuda be, T* x, const T* xn, const T* wg, const T* bg, con
 
 /// RMSNorm for products (ops/norm.hpp). In bf16 / fp16 the rows are written straight as the
 /// products' 16-bit operand and staged (blas.cuh: stage_half_image) until the returned object
-/// goes: one read of x and a half-size write, instead of a float write that every product's
-/// operand conversion reads again. Otherwise the float rmsnorm_forward.
+/// goes: a half-size write instead of a float write that the products' operand conversion reads
+/// again, and one read of x where the row fits in registers (C % 128 == 0, C <= 2048; two reads
+/// otherwise). Outside bf16 / fp16 the float rmsnorm_forward.
 template <class T>
 OperandRegistration rmsnorm_forward_for_products(cuda be, T* y, const T* x, const T* w, index_t M, index_t C, T eps) {
   namespace cd = ::distilx::cuda_backend::detail;
