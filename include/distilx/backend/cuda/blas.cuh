@@ -544,6 +544,12 @@ inline index_t elements(const Operand& o) { return (o.stride == 0 ? 1 : o.batch)
 /// also keeps the mLSTM gate pre-activations fp32, as the precision policy asks, and the
 /// headwise q/k/v projections (blocks of 32): reading them at fp32 costs no time, and their
 /// rounding was what pushed the mLSTM gate-parameter gradients past 2e-2 in bf16.
+/// A float (fp32 / tf32) product must not read a staged operand: its floats are not meaningful.
+inline void refuse_staged_float_operands(const char* fn, const Operand& a, const Operand& b, MathMode mode) {
+  if (inside_staged_image(a.p, extent(a))) throw staged_operand_error(fn, "A", a.p, mode);
+  if (inside_staged_image(b.p, extent(b))) throw staged_operand_error(fn, "B", b.p, mode);
+}
+
 constexpr index_t kThinDim = 32;
 inline bool thin_product_prefers_fp32(index_t M, index_t N, index_t K, const Operand& a, const Operand& b) {
   if (std::min({M, N, K}) > kThinDim) return false;
@@ -631,8 +637,7 @@ void gemm(cuda, Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha, co
                                            CUBLAS_GEMM_DEFAULT));
       return;
     }
-    if (d::inside_staged_image(A, d::extent(oa32))) throw d::staged_operand_error("gemm(cuda)", "A", A, mode);
-    if (d::inside_staged_image(B, d::extent(ob32))) throw d::staged_operand_error("gemm(cuda)", "B", B, mode);
+    d::refuse_staged_float_operands("gemm(cuda)", oa32, ob32, mode);
     d::drop_staged_image_if_written("gemm(cuda)", C, M, N, ldc, beta != 0.f);
     DISTILX_CUBLAS_CHECK(cublasSgemm_64(cuda_backend::cublas_handle(true), ob, oa, N, M, K, &alpha, B, ldb, A, lda,
                                         &beta, C, ldc));
@@ -677,10 +682,7 @@ void gemm_strided_batched(cuda, Trans ta, Trans tb, index_t M, index_t N, index_
           a.stride, &beta, C, CUDA_R_32F, ldc, stride_c, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
       return;
     }
-    if (d::inside_staged_image(A, d::extent(oa32)))
-      throw d::staged_operand_error("gemm_strided_batched(cuda)", "A", A, mode);
-    if (d::inside_staged_image(B, d::extent(ob32)))
-      throw d::staged_operand_error("gemm_strided_batched(cuda)", "B", B, mode);
+    d::refuse_staged_float_operands("gemm_strided_batched(cuda)", oa32, ob32, mode);
     d::drop_staged_image_if_written("gemm_strided_batched(cuda)", C, M, N, ldc, beta != 0.f, batch, stride_c);
     DISTILX_CUBLAS_CHECK(cublasSgemmStridedBatched_64(cuda_backend::cublas_handle(true), ob, oa, N, M, K, &alpha, B,
                                                       ldb, stride_b, A, lda, stride_a, &beta, C, ldc, stride_c, batch));
